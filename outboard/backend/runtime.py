@@ -1,0 +1,171 @@
+"""The trio part: one task per running queue, kicks in, interrupts out.
+
+Each running queue has a worker task that waits on its kick eventfd and then
+drains the ring through the device (``device.process``), publishing the used
+index and writing the call eventfd once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from .device import DeviceState
+from .fd import OwnedFd
+from .virtqueue import SplitQueue
+
+__all__ = ["QueueRunner", "Runtime"]
+
+log = logging.getLogger("outboard.runtime")
+
+_ONE = (1).to_bytes(8, "little")
+#: how often a queue without a kick fd (the front-end asked for polling) is polled
+POLL_INTERVAL = 0.001
+
+
+def _signal(fd: OwnedFd | None) -> None:
+    if fd is not None and not fd.closed:
+        try:
+            os.write(fd.fd, _ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the reader has a wake-up pending anyway
+
+
+class QueueRunner:
+    """The notification side of one queue: kick, call and err fds, run state."""
+
+    def __init__(self, state: DeviceState, queue: SplitQueue) -> None:
+        self.state = state
+        self.queue = queue
+        self.kick: OwnedFd | None = None
+        self.call: OwnedFd | None = None
+        self.err: OwnedFd | None = None
+        self.polling = False
+        self.enabled = True
+        self.interrupts = 0
+        self._scope: trio.CancelScope | None = None
+        self._watched_fd = -1
+        queue.on_error = self._on_queue_error
+
+    @property
+    def running(self) -> bool:
+        return self._scope is not None
+
+    def signal(self) -> None:
+        self.interrupts += 1
+        _signal(self.call)
+
+    def _on_queue_error(self, queue: SplitQueue, reason: str) -> None:
+        _signal(self.err)
+
+    def drain(self) -> None:
+        """Let the device process every available chain; interrupt once per batch."""
+        queue = self.queue
+        if not self.enabled or not queue.ready:
+            return
+        device = self.state.device
+        while True:
+            before = queue.last_avail_idx
+            try:
+                device.process(queue)
+            except Exception:
+                # A bug in the device: this queue stops, the others go on.
+                log.exception("queue %d: device failed; queue stopped", queue.index)
+                queue.broken = True
+                self.state.needs_reset()
+                _signal(self.err)
+                return
+            if queue.publish():
+                self.signal()
+            if queue.last_avail_idx == before or not queue.enable_kicks():
+                return
+
+    def set_call(self, fd: OwnedFd | None) -> None:
+        """Swap the call fd. Signals already written went to the old fd, which the
+        front-end owns and checks itself when it unmasks; to be safe against a
+        swap racing with a publish, a running queue also signals the new fd once
+        (a spurious interrupt is harmless, a lost one hangs the driver)."""
+        old, self.call = self.call, fd
+        if old is not None:
+            old.close()
+        if self.running and fd is not None:
+            self.signal()
+
+    def set_err(self, fd: OwnedFd | None) -> None:
+        old, self.err = self.err, fd
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        self.stop()
+        for fd in (self.kick, self.call, self.err):
+            if fd is not None:
+                fd.close()
+        self.kick = self.call = self.err = None
+
+    def stop(self) -> None:
+        """Stop the worker. Synchronous: the worker only touches the queue between
+        checkpoints, so once this returns the ring state is final."""
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+        if self._watched_fd >= 0:
+            trio.lowlevel.notify_closing(self._watched_fd)
+            self._watched_fd = -1
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self.stop()
+        scope = trio.CancelScope()
+        self._scope = scope
+        kick_fd = self.kick.fd if self.kick is not None else -1
+        self._watched_fd = kick_fd
+        nursery.start_soon(self._worker, scope, kick_fd, name=f"queue-{self.queue.index}")
+
+    async def _worker(self, scope: trio.CancelScope, kick_fd: int) -> None:
+        with scope:
+            try:
+                self.drain()
+                while True:
+                    if kick_fd < 0:
+                        await trio.sleep(POLL_INTERVAL)
+                    else:
+                        await trio.lowlevel.wait_readable(kick_fd)
+                        try:
+                            os.read(kick_fd, 8)
+                        except BlockingIOError:
+                            pass
+                    self.drain()
+            except trio.ClosedResourceError:
+                pass
+
+
+class Runtime:
+    """The queue runners of one device on one connection."""
+
+    def __init__(self, state: DeviceState, nursery: trio.Nursery) -> None:
+        self.state = state
+        self.nursery = nursery
+        self.runners = [QueueRunner(state, q) for q in state.queues]
+
+    def runner(self, index: int) -> QueueRunner:
+        self.state.queue(index)  # raises a clear DeviceError for a bad index
+        return self.runners[index]
+
+    def start(self, index: int) -> None:
+        self.runners[index].start(self.nursery)
+
+    def kick(self, index: int) -> None:
+        """Process a queue now (in-band kicks, enabling a queue)."""
+        runner = self.runners[index]
+        if runner.running:
+            runner.drain()
+
+    def stop_all(self) -> None:
+        for runner in self.runners:
+            runner.stop()
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.close()

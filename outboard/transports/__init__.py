@@ -1,0 +1,1 @@
+"""Transports that carry a device to a VMM: vhost-user (and vfio-user)."""
