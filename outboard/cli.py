@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        device.close()
     return 0
 
 

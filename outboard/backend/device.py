@@ -84,6 +84,9 @@ class VirtioDevice:
         """Back to the state after construction (the driver reset the device)."""
         self.driver_features = 0
 
+    def close(self) -> None:
+        """Release what the device holds (files, sockets); it will not run again."""
+
     def has_feature(self, feature: int) -> bool:
         return bool(self.driver_features >> feature & 1)
 

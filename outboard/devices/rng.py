@@ -55,6 +55,10 @@ class RngDevice(VirtioDevice):
         self.max_request = max_request
         self.bytes_served = 0
 
+    def close(self) -> None:
+        if isinstance(self.read_entropy, FileSource):
+            self.read_entropy.close()
+
     @property
     def queues(self) -> Sequence[QueueSpec]:
         return (QueueSpec("requestq", self.queue_size),)

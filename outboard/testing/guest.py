@@ -26,6 +26,9 @@ How a run works:
   runs the script with its output on the second serial port (``ttyS1``), framed by
   begin and end markers that carry the exit status, then powers the guest off.
   The first serial port (``ttyS0``) is the kernel console.
+* QEMU boots the kernel's ELF image (``vmlinux``, extracted from the bzImage once
+  and cached) through its PVH entry point when the kernel has one: without the
+  kernel's self-decompression a boot under TCG takes about half as long.
 * QEMU runs with ``-no-reboot`` and the kernel with ``panic=-1``, so a guest that
   panics ends QEMU too; a guest that hangs is killed after ``timeout`` seconds.
 """
@@ -79,7 +82,7 @@ __all__ = [
 
 #: Bump whenever the layout or the ``/init`` of the base initramfs changes, so
 #: cached archives built by an older builder are not reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 #: Modules loaded by default: the virtio PCI transport and the drivers for the
 #: devices outboard provides back-ends for.
@@ -94,6 +97,7 @@ END_MARKER = "=====OUTBOARD-SCRIPT-END====="
 _END_RE = re.compile(r"\n" + re.escape(END_MARKER) + r" status=(\d+)\r?\n")
 
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
+_PVH_VERSION = 1
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 _TAIL_CHARS = 4000
 
@@ -448,6 +452,7 @@ if [ -f /outboard/script.sh ]; then
         echo "@BEGIN@"
         sh /outboard/script.sh </dev/null 2>&1
         status=$?
+        kill -9 -1 2>/dev/null
         printf '\n%s status=%d\n' "@END@" "$status"
     } >"$out" 2>&1
     cd /
@@ -639,9 +644,10 @@ def pvh_kernel(image: Path, cache_dir: Path | None = None) -> Path | None:
     """
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     info = image.stat()
-    key_material = f"{BUILDER_VERSION}:{image.name}:{info.st_size}:{info.st_mtime_ns}"
+    key_material = f"{_PVH_VERSION}:{image.name}:{info.st_size}:{info.st_mtime_ns}"
     key = hashlib.sha256(key_material.encode()).hexdigest()[:20]
-    target = cache_dir / f"vmlinux-{image.name.removeprefix('vmlinuz-')}-{key}"
+    prefix = f"vmlinux-{image.name.removeprefix('vmlinuz-')}-"
+    target = cache_dir / f"{prefix}{key}"
     if target.is_file():
         return target
     marker = target.with_name(target.name + ".unusable")
@@ -653,6 +659,10 @@ def pvh_kernel(image: Path, cache_dir: Path | None = None) -> Path | None:
         marker.touch()
         return None
     _write_atomically(target, data)
+    for stale in cache_dir.glob(f"{prefix}*"):
+        if stale.name != target.name and not stale.name.startswith("."):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     return target
 
 
@@ -661,6 +671,7 @@ def _write_atomically(target: Path, data: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
             f.write(data)
         os.replace(tmp_name, target)
     except BaseException:
@@ -733,8 +744,15 @@ def parse_output(raw: str) -> tuple[int, str] | None:
 class Guest:
     """A guest configuration: kernel, base initramfs and QEMU settings.
 
+    ``modules`` are the kernel modules to load (dependencies are added);
+    ``cache_dir`` overrides :func:`default_cache_dir`; ``accel`` overrides
+    :func:`choose_accel`; ``qemu`` and ``kernel`` (image, version) override
+    :func:`find_qemu` and :func:`find_kernel`; ``pvh=False`` boots the compressed
+    kernel image instead of the extracted ELF (see :func:`pvh_kernel`).
+
     The base initramfs is built (or taken from the cache) when the object is
     created; :meth:`run` can then be called any number of times, from any thread.
+    Raises :class:`GuestUnavailable` when a part is missing.
     """
 
     def __init__(
@@ -772,7 +790,6 @@ class Guest:
             "quiet",
             "loglevel=4",
             "rdinit=/init",
-            "printk.devkmsg=on",
             "i8042.noaux",
             "i8042.nokbd",
             "i8042.nopnp",
@@ -830,8 +847,15 @@ class Guest:
     ) -> GuestResult:
         """Boot the guest, run ``script`` with ``/bin/sh`` in it, and return the result.
 
+        The script runs as root in ``/root`` with busybox's applets, the modules
+        already loaded, ``/proc``, ``/sys``, ``/dev`` (devtmpfs) and a tmpfs ``/tmp``
+        mounted, standard input from ``/dev/null`` and standard error merged into
+        standard output. ``wait-for-path PATH [SECONDS]`` polls until a path (say a
+        device node) exists. Processes the script leaves behind are killed when it
+        ends.
+
         ``qemu_args`` are appended to the QEMU command line (devices, chardevs);
-        ``files`` maps paths inside the guest to contents placed next to the script;
+        ``files`` maps paths inside the guest (relative to ``/``) to contents;
         ``append`` adds kernel command-line parameters. The guest is killed after
         ``timeout`` seconds and :class:`GuestTimeout` raised; a guest that stops
         without reporting the script's end raises :class:`GuestError`. A non-zero
