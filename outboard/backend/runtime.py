@@ -79,7 +79,9 @@ class QueueRunner:
                 return
             if queue.publish():
                 self.signal()
-            if queue.last_avail_idx == before or not queue.enable_kicks():
+            # Always re-arm (a queue restarted at a new base must ask for kicks
+            # from there); go round again only if the device made progress.
+            if not queue.enable_kicks() or queue.last_avail_idx == before:
                 return
 
     def set_call(self, fd: OwnedFd | None) -> None:
