@@ -7,6 +7,7 @@ index and writing the call eventfd once per batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -134,10 +135,8 @@ class QueueRunner:
                         await trio.sleep(POLL_INTERVAL)
                     else:
                         await trio.lowlevel.wait_readable(kick_fd)
-                        try:
+                        with contextlib.suppress(BlockingIOError):
                             os.read(kick_fd, 8)
-                        except BlockingIOError:
-                            pass
                     self.drain()
             except trio.ClosedResourceError:
                 pass

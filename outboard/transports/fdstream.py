@@ -11,7 +11,7 @@ import trio
 from ..backend.errors import RemoteProtocolError
 from ..backend.fd import OwnedFd, close_all
 
-__all__ = ["FdStream", "MAX_FDS_PER_MESSAGE", "unpack_fds"]
+__all__ = ["MAX_FDS_PER_MESSAGE", "FdStream", "unpack_fds"]
 
 #: the most fds we accept with one chunk of data (more is a protocol error)
 MAX_FDS_PER_MESSAGE = 16

@@ -145,7 +145,7 @@ class BackendConnection:
         have = len(self._buffer)
         if have < HEADER_SIZE:
             return HEADER_SIZE - have
-        size = _header.unpack_from(self._buffer)[2]
+        size: int = _header.unpack_from(self._buffer)[2]
         return max(1, HEADER_SIZE + min(size, MAX_PAYLOAD + 1) - have)
 
     def has_pending(self) -> bool:

@@ -51,13 +51,13 @@ async def serve_connection(device: VirtioDevice, stream: FdStream) -> None:
             backend = VhostUserBackend(state, Runtime(state, nursery), conn)
             try:
                 await _request_loop(stream, conn, backend)
+            except RemoteProtocolError as exc:
+                log.error("front-end broke the protocol, dropping the connection: %s", exc)
+            except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                log.error("connection failed: %s", exc)
             finally:
                 backend.close()
                 nursery.cancel_scope.cancel()
-    except RemoteProtocolError as exc:
-        log.error("front-end broke the protocol, dropping the connection: %s", exc)
-    except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
-        log.error("connection failed: %s", exc)
     finally:
         conn.close()
         stream.close()
