@@ -14,7 +14,7 @@ from typing import Protocol
 import trio
 
 from .backend import VirtioDevice
-from .devices import rng
+from .devices import blk, rng
 from .transports.vhost_user import serve_connect, serve_listener, serve_path
 
 log = logging.getLogger("outboard")
@@ -28,6 +28,7 @@ class DeviceCommand(Protocol):
 
 DEVICES: dict[str, tuple[DeviceCommand, str, str]] = {
     "rng": (rng.RngDevice, "virtio-rng: entropy for the guest", rng.EPILOG),
+    "blk": (blk.BlkDevice, "virtio-blk: a raw image file or block device", blk.EPILOG),
 }
 
 

@@ -54,11 +54,11 @@ class DriverQueue:
         self.used_gpa = ram.alloc(used_size, 4)
         for gpa, n in ((self.desc_gpa, desc_size), (self.avail_gpa, avail_size),
                        (self.used_gpa, used_size)):
-            ram.view(gpa, n)[:] = bytes(n)
+            ram.write(gpa, bytes(n))
         self._desc = ram.view(self.desc_gpa, desc_size)
-        self._avail_h = ram.view(self.avail_gpa, avail_size).cast("H")
+        self._avail_h = ram.view(self.avail_gpa, avail_size, "H")
         self._used = ram.view(self.used_gpa, used_size)
-        self._used_h = self._used.cast("H")
+        self._used_h = ram.view(self.used_gpa, used_size, "H")
         self.free = list(range(size))
         self.avail_idx = 0
         self.last_used_idx = 0
@@ -79,12 +79,13 @@ class DriverQueue:
                 raise IndexError("ring full")
             head = self.free.pop()
             table = self.ram.alloc(16 * len(buffers), 16)
-            view = self.ram.view(table, 16 * len(buffers))
+            entries = bytearray(16 * len(buffers))
             for i, buf in enumerate(buffers):
                 flags = (VIRTQ_DESC_F_WRITE if buf.writable else 0)
                 if i + 1 < len(buffers):
                     flags |= VIRTQ_DESC_F_NEXT
-                _desc.pack_into(view, i * 16, buf.gpa, buf.size, flags, i + 1)
+                _desc.pack_into(entries, i * 16, buf.gpa, buf.size, flags, i + 1)
+            self.ram.write(table, bytes(entries))
             self.write_desc(head, table, 16 * len(buffers), VIRTQ_DESC_F_INDIRECT, 0)
             self.in_flight[head] = [head]
             return head

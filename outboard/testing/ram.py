@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Literal
 
 from ..backend.fd import OwnedFd
 from ..backend.memory import GuestMemory, MemoryRegion, RegionSpec
@@ -29,6 +30,9 @@ class GuestRam:
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = memoryview(self._map)
         self._next = 0
+        # Views handed out, released on close: mmap keeps its own dup of the fd
+        # until the last view of the mapping is gone.
+        self._views: list[memoryview] = []
 
     @property
     def spec(self) -> RegionSpec:
@@ -49,25 +53,40 @@ class GuestRam:
     def reset_allocator(self) -> None:
         self._next = 0
 
-    def view(self, gpa: int, size: int) -> memoryview:
+    def view(self, gpa: int, size: int, fmt: Literal["B", "H"] = "B") -> memoryview:
+        """``size`` bytes at ``gpa`` (cast to ``fmt``), released when the RAM is closed."""
         offset = gpa - self.gpa
         if offset < 0 or offset + size > self.size:
             raise ValueError(f"{gpa:#x}+{size:#x} is outside guest RAM")
-        return self.buffer[offset:offset + size]
+        view = self.buffer[offset:offset + size]
+        self._views.append(view)
+        if fmt != "B":
+            view = view.cast(fmt)
+            self._views.append(view)
+        return view
 
     def read(self, gpa: int, size: int) -> bytes:
-        return bytes(self.view(gpa, size))
+        offset = gpa - self.gpa
+        if offset < 0 or offset + size > self.size:
+            raise ValueError(f"{gpa:#x}+{size:#x} is outside guest RAM")
+        return self._map[offset:offset + size]
 
     def write(self, gpa: int, data: bytes) -> None:
-        self.view(gpa, len(data))[:] = data
+        offset = gpa - self.gpa
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"{gpa:#x}+{len(data):#x} is outside guest RAM")
+        self._map[offset:offset + len(data)] = data
 
     def gpa_to_uva(self, gpa: int) -> int:
         return gpa - self.gpa + self.uva
 
     def close(self) -> None:
-        self.buffer.release()
+        self.fd.close()
+        for view in reversed(self._views):
+            view.release()
+        self._views.clear()
         try:
+            self.buffer.release()
             self._map.close()
         except BufferError:
-            pass  # a view is still out; the mapping goes with it
-        self.fd.close()
+            pass  # a view made from one of ours is still out; the mapping goes with it

@@ -16,6 +16,7 @@ from ...backend.memory import GuestMemory, MemoryRegion, RegionSpec
 from ...backend.runtime import Runtime
 from .connection import BackendConnection, Request, pack_u64
 from .wire import (
+    MAX_CONFIG_SIZE,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigHeader,
     FrontendReq,
@@ -298,10 +299,14 @@ class VhostUserBackend:
 
     def _get_config(self, req: Request) -> bytes:
         head, _ = req.config
+        # Fields past the device's layout read as zero: a newer front-end may
+        # know a longer config struct (the size is capped by the core).
         config = self.state.device.config()
+        if not config:
+            raise DeviceError("the device has no config space")
+        config = config.ljust(MAX_CONFIG_SIZE, b"\0")
         if head.offset + head.size > len(config):
-            raise DeviceError(
-                f"read of {head.size} bytes at {head.offset} past the {len(config)}-byte config")
+            raise DeviceError(f"read of {head.size} bytes at {head.offset} past the config")
         return bytes(head) + config[head.offset:head.offset + head.size]
 
     def _set_config(self, req: Request) -> None:
