@@ -56,6 +56,8 @@ class VirtioDevice:
     def __init__(self) -> None:
         self.driver_features = 0
         self._config_changed: Callable[[], None] | None = None
+        #: the queues of the current connection (see ``bind``)
+        self.virtqueues: Sequence[SplitQueue] = ()
 
     @property
     def queues(self) -> Sequence[QueueSpec]:
@@ -80,6 +82,15 @@ class VirtioDevice:
     def process(self, queue: SplitQueue) -> None:
         raise NotImplementedError
 
+    def bind(self, queues: Sequence[SplitQueue]) -> None:
+        """The framework made ``queues`` for a new connection (one per QueueSpec)."""
+        self.virtqueues = queues
+
+    async def run(self) -> None:
+        """Optional background work for the life of a connection (a device that
+        receives from outside, say). Cancelled when the connection ends. Use
+        ``queue.active``, ``queue.pop``/``push`` and ``queue.flush()``."""
+
     def reset(self) -> None:
         """Back to the state after construction (the driver reset the device)."""
         self.driver_features = 0
@@ -103,6 +114,7 @@ class DeviceState:
         self.device = device
         self.offered = device.features | device.framework_features
         self.queues = [SplitQueue(i, spec.max_size) for i, spec in enumerate(device.queues)]
+        device.bind(self.queues)
         self.features = 0
         self.features_set = False
         self.status = DeviceStatus(0)

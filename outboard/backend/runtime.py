@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -44,8 +45,10 @@ class QueueRunner:
         self.call: OwnedFd | None = None
         self.err: OwnedFd | None = None
         self.polling = False
-        self.enabled = True
         self.interrupts = 0
+        #: how an interrupt is raised: the call eventfd here; a transport may
+        #: route it elsewhere (an MSI-X vector, with its mask and pending bit)
+        self.interrupt: Callable[[], None] = self._write_call
         self._scope: trio.CancelScope | None = None
         self._watched_fd = -1
         queue.on_error = self._on_queue_error
@@ -54,8 +57,19 @@ class QueueRunner:
     def running(self) -> bool:
         return self._scope is not None
 
+    @property
+    def enabled(self) -> bool:
+        return self.queue.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.queue.enabled = value
+
     def signal(self) -> None:
         self.interrupts += 1
+        self.interrupt()
+
+    def _write_call(self) -> None:
         _signal(self.call)
 
     def _on_queue_error(self, queue: SplitQueue, reason: str) -> None:
@@ -111,6 +125,7 @@ class QueueRunner:
     def stop(self) -> None:
         """Stop the worker. Synchronous: the worker only touches the queue between
         checkpoints, so once this returns the ring state is final."""
+        self.queue.notifier = None
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
@@ -124,6 +139,7 @@ class QueueRunner:
         self._scope = scope
         kick_fd = self.kick.fd if self.kick is not None else -1
         self._watched_fd = kick_fd
+        self.queue.notifier = self.signal
         nursery.start_soon(self._worker, scope, kick_fd, name=f"queue-{self.queue.index}")
 
     async def _worker(self, scope: trio.CancelScope, kick_fd: int) -> None:

@@ -80,6 +80,10 @@ class SplitQueue:
         self.failed_chains = 0
         # Called after a chain is refused (the runtime writes the err eventfd).
         self.on_error: Callable[[SplitQueue, str], None] | None = None
+        #: interrupts the driver; set by the runtime while the queue runs
+        self.notifier: Callable[[], None] | None = None
+        #: vhost-user "started but disabled" rings are not processed
+        self.enabled = True
         self._signalled_used = 0
         self._signalled_valid = False
         self._desc: memoryview | None = None
@@ -93,6 +97,21 @@ class SplitQueue:
     @property
     def ready(self) -> bool:
         return self._desc is not None
+
+    @property
+    def active(self) -> bool:
+        """Running, enabled and sound: a device may use it from its own tasks."""
+        return self.notifier is not None and self.enabled and not self.broken \
+            and self._desc is not None
+
+    def flush(self) -> None:
+        """Publish pushed entries and interrupt if the driver wants it.
+
+        The runtime does this after each ``process`` call; a device that
+        completes requests from its own tasks (received frames, say) calls it.
+        """
+        if self.publish() and self.notifier is not None:
+            self.notifier()
 
     def set_size(self, size: int) -> None:
         if not 0 < size <= self.max_size or size & (size - 1):

@@ -49,6 +49,7 @@ async def serve_connection(device: VirtioDevice, stream: FdStream) -> None:
     try:
         async with trio.open_nursery() as nursery:
             backend = VhostUserBackend(state, Runtime(state, nursery), conn)
+            nursery.start_soon(device.run, name=f"{type(device).__name__}.run")
             try:
                 await _request_loop(stream, conn, backend)
             except RemoteProtocolError as exc:
