@@ -135,6 +135,14 @@ class GuestMemory:
         for region in regions:
             region.release()
 
+    def last_region(self) -> MemoryRegion:
+        """The region of the last successful lookup (a cache for hot loops)."""
+        if self._last is None:
+            if not self._regions:
+                raise GuestMemoryError("no guest memory")
+            self._last = self._regions[0]
+        return self._last
+
     def _find(self, gpa: int, size: int) -> MemoryRegion:
         last = self._last
         if last is not None:
