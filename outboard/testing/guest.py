@@ -17,8 +17,12 @@ attached with ordinary QEMU arguments::
 
 How a run works:
 
-* The base initramfs (busybox, modules, ``/init``) is built once per kernel, module
-  list and builder version, and cached (``$OUTBOARD_CACHE``, else
+* Programs of the host (``host_binaries``, say ``mke2fs`` or ``fio``) can be put
+  into the initramfs too, with every shared library they load and the dynamic
+  loader, at the paths they have on the host; they take precedence over busybox
+  applets of the same name. :func:`host_binary_files` finds those files.
+* The base initramfs (busybox, modules, host programs, ``/init``) is built once per
+  kernel, module list, program list and builder version, and cached (``$OUTBOARD_CACHE``, else
   ``$XDG_CACHE_HOME/outboard``, else ``~/.cache/outboard``).
 * The script travels in a second, small cpio archive appended to the base one; the
   kernel unpacks concatenated archives in order.
@@ -65,6 +69,7 @@ __all__ = [
     "BackendProcess",
     "Guest",
     "GuestError",
+    "GuestFile",
     "GuestResult",
     "GuestTimeout",
     "GuestUnavailable",
@@ -74,6 +79,7 @@ __all__ = [
     "find_busybox",
     "find_kernel",
     "find_qemu",
+    "host_binary_files",
     "parse_output",
     "pvh_kernel",
     "resolve_modules",
@@ -197,24 +203,33 @@ def find_busybox() -> Path:
 
 def _is_static_elf(path: Path) -> bool:
     """True for an ELF executable without a program interpreter (PT_INTERP)."""
+    is_elf, interpreter = _elf_interpreter(path)
+    return is_elf and interpreter is None
+
+
+def _elf_interpreter(path: Path) -> tuple[bool, str | None]:
+    """``(is a 64-bit ELF file, its program interpreter or None)``."""
     try:
         with path.open("rb") as f:
             header = f.read(64)
             if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
-                return False
+                return False, None
             order: Literal["little", "big"] = "little" if header[5] == 1 else "big"
             phoff = int.from_bytes(header[32:40], order)
             phentsize = int.from_bytes(header[54:56], order)
             phnum = int.from_bytes(header[56:58], order)
             f.seek(phoff)
             table = f.read(phentsize * phnum)
-    except OSError:
-        return False
-    for i in range(phnum):
-        p_type = int.from_bytes(table[i * phentsize : i * phentsize + 4], order)
-        if p_type == 3:  # PT_INTERP
-            return False
-    return True
+            for i in range(phnum):
+                entry = table[i * phentsize : (i + 1) * phentsize]
+                if int.from_bytes(entry[0:4], order) != 3:  # PT_INTERP
+                    continue
+                f.seek(int.from_bytes(entry[8:16], order))
+                size = int.from_bytes(entry[32:40], order)
+                return True, f.read(size).split(b"\0", 1)[0].decode()
+    except (OSError, UnicodeDecodeError):
+        return False, None
+    return True, None
 
 
 def default_cache_dir() -> Path:
@@ -225,6 +240,82 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "outboard"
+
+
+# --------------------------------------------------------------------------- host programs
+
+#: Directories searched for host programs after ``$PATH``: the system
+#: administration tools (``mke2fs``, ``blkdiscard``) live there and are often
+#: missing from an unprivileged user's ``$PATH``.
+_EXTRA_PROGRAM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def _find_program(name: str | os.PathLike[str]) -> Path:
+    text = os.fspath(name)
+    if "/" in text:
+        path = Path(text)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise GuestUnavailable(f"host program {text} is not an executable file")
+        return path.absolute()
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *_EXTRA_PROGRAM_DIRS])
+    found = shutil.which(text, path=search)
+    if found is None:
+        raise GuestUnavailable(f"host program {text!r} not found (searched {search})")
+    return Path(found).absolute()
+
+
+def _shared_libraries(program: Path) -> list[str]:
+    """Absolute paths of the shared objects ``program`` loads, as ``ldd`` names them."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        raise GuestUnavailable(f"ldd not found: cannot list the libraries of {program}")
+    try:
+        result = subprocess.run(
+            [ldd, str(program)], capture_output=True, text=True, check=False, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise GuestUnavailable(f"ldd {program} failed: {exc}") from exc
+    if result.returncode != 0:
+        raise GuestUnavailable(f"ldd {program} failed: {(result.stderr or result.stdout).strip()}")
+    paths: list[str] = []
+    for line in result.stdout.splitlines():
+        name, arrow, target = line.strip().partition("=>")
+        where = (target if arrow else name).strip()
+        where = re.sub(r"\s*\(0x[0-9a-fA-F]+\)$", "", where).strip()
+        if where == "not found":
+            raise GuestUnavailable(f"{program} needs {name.strip()}, which is not installed")
+        if where.startswith("/"):
+            paths.append(where)
+    return paths
+
+
+def host_binary_files(programs: Iterable[str | os.PathLike[str]]) -> dict[str, Path]:
+    """Map paths inside a guest (relative to ``/``) to the host files to copy there.
+
+    Each program is a command name, looked up on ``$PATH`` and then in the ``sbin``
+    directories, or a path. The result holds every program at the path it has on
+    the host and, for a dynamically linked one, its program interpreter and all
+    the shared libraries it loads (as ``ldd`` resolves them), each at the path
+    the loader looks for it; the host files are the symlinks' targets. The mapping
+    can be passed as ``files`` to :meth:`Guest.run` or is built into the base
+    initramfs by ``Guest(host_binaries=...)``. Raises :class:`GuestUnavailable`
+    if a program or one of its libraries is missing.
+    """
+    found: dict[str, Path] = {}
+
+    def add(guest_path: str, host_path: Path) -> None:
+        found.setdefault(guest_path.lstrip("/"), host_path.resolve())
+
+    for program in programs:
+        path = _find_program(program)
+        add(str(path), path)
+        is_elf, interpreter = _elf_interpreter(path.resolve())
+        if not is_elf or interpreter is None:
+            continue  # a script or a static executable: nothing to load
+        add(interpreter, Path(interpreter))
+        for library in _shared_libraries(path):
+            add(library, Path(library))
+    return found
 
 
 # --------------------------------------------------------------------------- kernel modules
@@ -500,14 +591,17 @@ def build_initramfs(
     *,
     kernel_version: str | None = None,
     busybox: Path | None = None,
+    host_binaries: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Build (or reuse from the cache) the base initramfs and return its path.
 
     The archive is a gzip-compressed newc cpio holding busybox with a symlink per
-    applet, ``modules`` and everything they depend on (decompressed), a
+    applet, ``modules`` and everything they depend on (decompressed), the host
+    programs ``host_binaries`` with their libraries (see :func:`host_binary_files`;
+    a busybox applet of the same name as one of them is left out), a
     ``wait-for-path`` helper and the ``/init`` described in the module docstring.
     It is cached under ``cache_dir`` (default :func:`default_cache_dir`) by kernel
-    version, module list, busybox and :data:`BUILDER_VERSION`.
+    version, module list, busybox, host files and :data:`BUILDER_VERSION`.
     """
     if kernel_version is None:
         kernel_version = find_kernel()[1]
@@ -515,16 +609,20 @@ def build_initramfs(
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     moddir = MODULES_ROOT / kernel_version
     dep_stat = (moddir / "modules.dep").stat()
-    key_material = json.dumps(
-        {
-            "builder": BUILDER_VERSION,
-            "kernel": kernel_version,
-            "modules_dep": [dep_stat.st_size, dep_stat.st_mtime_ns],
-            "modules": list(modules),
-            "busybox": _file_digest(busybox),
-        },
-        sort_keys=True,
-    ).encode()
+    extra_files = host_binary_files(host_binaries)
+    key_fields: dict[str, object] = {
+        "builder": BUILDER_VERSION,
+        "kernel": kernel_version,
+        "modules_dep": [dep_stat.st_size, dep_stat.st_mtime_ns],
+        "modules": list(modules),
+        "busybox": _file_digest(busybox),
+    }
+    if extra_files:
+        key_fields["host_files"] = [
+            [name, str(source), source.stat().st_size, source.stat().st_mtime_ns]
+            for name, source in sorted(extra_files.items())
+        ]
+    key_material = json.dumps(key_fields, sort_keys=True).encode()
     key = hashlib.sha256(key_material).hexdigest()[:20]
     target = cache_dir / f"initramfs-{kernel_version}-{key}.cpio.gz"
     if target.is_file():
@@ -551,9 +649,12 @@ def build_initramfs(
         cpio.directory(directory)
     cpio.char_device("dev/console", 5, 1)
     cpio.char_device("dev/null", 1, 3, mode=0o666)
+    for name, source in extra_files.items():
+        cpio.file(name, source.read_bytes(), mode=stat.S_IMODE(source.stat().st_mode))
+    shadowed = {Path(os.fspath(program)).name for program in host_binaries}
     cpio.file("bin/busybox", busybox.read_bytes(), mode=0o755)
     for applet in _busybox_applets(busybox):
-        if applet != "bin/busybox":
+        if applet != "bin/busybox" and Path(applet).name not in shadowed:
             depth = applet.count("/")
             cpio.symlink(applet, "../" * depth + "bin/busybox")
     cpio.file("bin/wait-for-path", _WAIT_FOR_PATH.encode(), mode=0o755)
@@ -577,13 +678,41 @@ def build_initramfs(
     return target
 
 
-def _script_archive(script: str, files: Mapping[str, bytes | str]) -> bytes:
+#: What ``files`` may map a guest path to: the contents (text or bytes) or, as a
+#: :class:`~pathlib.Path`, a host file to copy (keeping its permission bits).
+GuestFile = bytes | str | Path
+
+
+def _shadowing_prelude(programs: Sequence[str | os.PathLike[str]]) -> str:
+    """Shell functions that make host programs win over busybox applets of their name.
+
+    Busybox's shell runs its own applet for a command name before searching
+    ``$PATH``, so a host ``mke2fs`` is reached through a function calling it by
+    its path. The functions end in ``;`` on the script's first line, so the line
+    numbers of the script's messages stay right. Programs started by busybox
+    applets (``xargs``, ``taskset``) still need the full path.
+    """
+    applets = {Path(applet).name for applet in _busybox_applets(find_busybox())}
+    functions = []
+    for program in programs:
+        name = Path(os.fspath(program)).name
+        if name in applets and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            path = shlex.quote(str(_find_program(program)))
+            functions.append(f'{name}() {{ {path} "$@"; }}; ')
+    return "".join(functions)
+
+
+def _script_archive(script: str, files: Mapping[str, GuestFile]) -> bytes:
     cpio = _CpioWriter()
     cpio.directory("outboard")
     cpio.file("outboard/script.sh", script.encode(), mode=0o755)
     for name, content in files.items():
+        if isinstance(content, Path):
+            cpio.file(name, content.read_bytes(), mode=stat.S_IMODE(content.stat().st_mode))
+            continue
         payload = content.encode() if isinstance(content, str) else content
-        cpio.file(name, payload, mode=0o755 if payload.startswith(b"#!") else 0o644)
+        executable = payload.startswith((b"#!", b"\x7fELF"))
+        cpio.file(name, payload, mode=0o755 if executable else 0o644)
     return _gzip(cpio.finish())
 
 
@@ -748,7 +877,9 @@ class Guest:
     ``cache_dir`` overrides :func:`default_cache_dir`; ``accel`` overrides
     :func:`choose_accel`; ``qemu`` and ``kernel`` (image, version) override
     :func:`find_qemu` and :func:`find_kernel`; ``pvh=False`` boots the compressed
-    kernel image instead of the extracted ELF (see :func:`pvh_kernel`).
+    kernel image instead of the extracted ELF (see :func:`pvh_kernel`);
+    ``host_binaries`` are host programs to run in the guest (see
+    :func:`build_initramfs`), for example ``["mke2fs", "e2fsck"]``.
 
     The base initramfs is built (or taken from the cache) when the object is
     created; :meth:`run` can then be called any number of times, from any thread.
@@ -764,13 +895,20 @@ class Guest:
         qemu: Path | None = None,
         kernel: tuple[Path, str] | None = None,
         pvh: bool = True,
+        host_binaries: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.qemu = qemu if qemu is not None else find_qemu()
         self.kernel, self.kernel_version = kernel if kernel is not None else find_kernel()
         self.accel = accel if accel is not None else choose_accel()
-        self.initramfs = build_initramfs(modules, cache_dir, kernel_version=self.kernel_version)
+        self.initramfs = build_initramfs(
+            modules,
+            cache_dir,
+            kernel_version=self.kernel_version,
+            host_binaries=host_binaries,
+        )
         #: The image QEMU boots: an uncompressed PVH ``vmlinux`` when one can be made.
         self.boot_image = (pvh_kernel(self.kernel, cache_dir) if pvh else None) or self.kernel
+        self._prelude = _shadowing_prelude(host_binaries) if host_binaries else ""
 
     def command(
         self,
@@ -842,12 +980,13 @@ class Guest:
         memory_mib: int = 512,
         cpus: int = 1,
         timeout: float = 120,
-        files: Mapping[str, bytes | str] | None = None,
+        files: Mapping[str, GuestFile] | None = None,
         append: Sequence[str] = (),
     ) -> GuestResult:
         """Boot the guest, run ``script`` with ``/bin/sh`` in it, and return the result.
 
-        The script runs as root in ``/root`` with busybox's applets, the modules
+        The script runs as root in ``/root`` with busybox's applets (and the host
+        programs given as ``host_binaries``), the modules
         already loaded, ``/proc``, ``/sys``, ``/dev`` (devtmpfs) and a tmpfs ``/tmp``
         mounted, standard input from ``/dev/null`` and standard error merged into
         standard output. ``wait-for-path PATH [SECONDS]`` polls until a path (say a
@@ -855,7 +994,8 @@ class Guest:
         ends.
 
         ``qemu_args`` are appended to the QEMU command line (devices, chardevs);
-        ``files`` maps paths inside the guest (relative to ``/``) to contents;
+        ``files`` maps paths inside the guest (relative to ``/``) to contents or
+        host files (:data:`GuestFile`; see also :func:`host_binary_files`);
         ``append`` adds kernel command-line parameters. The guest is killed after
         ``timeout`` seconds and :class:`GuestTimeout` raised; a guest that stops
         without reporting the script's end raises :class:`GuestError`. A non-zero
@@ -868,7 +1008,7 @@ class Guest:
                 with self.initramfs.open("rb") as base:
                     shutil.copyfileobj(base, f)
                 f.write(b"\0" * (-f.tell() % 4))
-                f.write(_script_archive(script, files or {}))
+                f.write(_script_archive(self._prelude + script, files or {}))
             console_log = workdir / "console.log"
             output_log = workdir / "output.log"
             argv = self.command(
@@ -935,16 +1075,17 @@ def run_guest(
     memory_mib: int = 512,
     cpus: int = 1,
     timeout: float = 120,
-    files: Mapping[str, bytes | str] | None = None,
+    files: Mapping[str, GuestFile] | None = None,
     append: Sequence[str] = (),
     modules: Sequence[str] = DEFAULT_MODULES,
     cache_dir: Path | None = None,
+    host_binaries: Sequence[str | os.PathLike[str]] = (),
 ) -> GuestResult:
     """Boot a guest with :data:`DEFAULT_MODULES` (or ``modules``) and run ``script``.
 
-    A shorthand for ``Guest(modules=..., cache_dir=...).run(script, ...)``.
+    A shorthand for ``Guest(modules=..., cache_dir=..., host_binaries=...).run(...)``.
     """
-    guest = Guest(modules=modules, cache_dir=cache_dir)
+    guest = Guest(modules=modules, cache_dir=cache_dir, host_binaries=host_binaries)
     return guest.run(
         script,
         qemu_args=qemu_args,

@@ -207,6 +207,7 @@ class SplitQueue:
         size = self.size
         mask = size - 1
         desc = self._desc
+        assert desc is not None
         indirect_ok = self.indirect
         region = self.memory.last_region()
         r_gpa = region.spec.gpa
@@ -315,7 +316,7 @@ class SplitQueue:
             if length == 0:
                 raise ChainError(f"zero-length descriptor {index}")
             offset = addr - r_gpa
-            if 0 <= offset and offset + length <= r_size:
+            if offset >= 0 and offset + length <= r_size:
                 view = r_view[offset:offset + length]
             else:
                 view = memory.view(addr, length)
