@@ -94,6 +94,7 @@ class FrontendReq(enum.IntEnum):
     GET_SHARED_OBJECT = 41
     SET_DEVICE_STATE_FD = 42
     CHECK_DEVICE_STATE = 43
+    GET_SHMEM_CONFIG = 44
 
 
 class BackendReq(enum.IntEnum):
@@ -105,6 +106,8 @@ class BackendReq(enum.IntEnum):
     SHARED_OBJECT_ADD = 6
     SHARED_OBJECT_REMOVE = 7
     SHARED_OBJECT_LOOKUP = 8
+    SHMEM_MAP = 9
+    SHMEM_UNMAP = 10
 
 
 class ProtocolFeature(enum.IntEnum):
@@ -128,6 +131,7 @@ class ProtocolFeature(enum.IntEnum):
     XEN_MMAP = 17
     SHARED_OBJECT = 18
     DEVICE_STATE = 19
+    SHMEM = 20
 
 
 class Flags(enum.IntFlag):
@@ -303,6 +307,7 @@ REQUESTS: dict[FrontendReq, RequestRule] = {
                                         replies=True, implemented=False),
     FrontendReq.CHECK_DEVICE_STATE: _R(_P.NONE, needs=_PF.DEVICE_STATE, replies=True,
                                        implemented=False),
+    FrontendReq.GET_SHMEM_CONFIG: _R(_P.NONE, needs=_PF.SHMEM, replies=True, implemented=False),
 }
 
 #: exact payload sizes; MEM_TABLE, CONFIG and ANY are checked by their own rules
