@@ -166,6 +166,8 @@ class GuestMemory:
 
     def views(self, gpa: int, size: int) -> list[memoryview]:
         """Like ``view``, but a range may span adjacent regions."""
+        if size < 0:
+            raise GuestMemoryError(f"negative size {size}")
         out: list[memoryview] = []
         while size > 0:
             region = self._find(gpa, 1)

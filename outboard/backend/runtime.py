@@ -85,18 +85,20 @@ class QueueRunner:
             before = queue.last_avail_idx
             try:
                 device.process(queue)
+                notify = queue.publish()
+                # Always re-arm (a queue restarted at a new base must ask for
+                # kicks from there); go round again only if there was progress.
+                more = queue.enable_kicks()
             except Exception:
-                # A bug in the device: this queue stops, the others go on.
+                # A bug in the device (or the queue): this queue stops, the others go on.
                 log.exception("queue %d: device failed; queue stopped", queue.index)
                 queue.broken = True
                 self.state.needs_reset()
                 _signal(self.err)
                 return
-            if queue.publish():
+            if notify:
                 self.signal()
-            # Always re-arm (a queue restarted at a new base must ask for kicks
-            # from there); go round again only if the device made progress.
-            if not queue.enable_kicks() or queue.last_avail_idx == before:
+            if not more or queue.last_avail_idx == before:
                 return
 
     def set_call(self, fd: OwnedFd | None) -> None:
@@ -144,6 +146,8 @@ class QueueRunner:
 
     async def _worker(self, scope: trio.CancelScope, kick_fd: int) -> None:
         with scope:
+            if scope.cancel_called:
+                return  # stopped before it ever ran: the ring state is already final
             try:
                 self.drain()
                 while True:

@@ -129,8 +129,9 @@ class VhostUserBackend:
 
     def _set_features(self, req: Request) -> None:
         features = req.u64
-        self.protocol_features_acked = bool(features >> VHOST_USER_F_PROTOCOL_FEATURES & 1)
+        acked = bool(features >> VHOST_USER_F_PROTOCOL_FEATURES & 1)
         self.state.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        self.protocol_features_acked = acked
         # "Ring states": with protocol features a ring starts disabled until
         # SET_VRING_ENABLE, without them enabled. Running rings keep their state
         # (the front-end re-sends features to toggle dirty logging).
@@ -176,6 +177,9 @@ class VhostUserBackend:
     def _add_mem_reg(self, req: Request) -> None:
         fd = req.take_fd()
         assert fd is not None
+        if len(self.memory) >= MAX_MEM_SLOTS:
+            fd.close()
+            raise DeviceError(f"all {MAX_MEM_SLOTS} memory slots are in use")
         region = MemoryRegion.map(_spec(req.regions[0]), fd)
         try:
             self.memory.add(region)
@@ -216,9 +220,23 @@ class VhostUserBackend:
         queue = self.state.queue(state.index)
         if self.runtime.runners[state.index].running:
             raise DeviceError(f"queue {state.index} is running")
+        old_size = queue.size
         try:
             queue.set_size(state.num)
+            addr = self._addrs.get(state.index)
+            if addr is not None:
+                # The rings are already placed: lay them out again at the new size.
+                queue.release()
+                self._setup_queue(state.index, addr)
         except OutboardError as exc:
+            queue.size = old_size
+            addr = self._addrs.get(state.index)
+            if addr is not None:
+                queue.release()
+                try:
+                    self._setup_queue(state.index, addr)
+                except OutboardError:
+                    del self._addrs[state.index]
             raise DeviceError(str(exc)) from None
 
     def _setup_queue(self, index: int, addr: _VringAddr) -> None:
@@ -264,12 +282,12 @@ class VhostUserBackend:
         index = self._vring(req.vring_index)
         runner = self.runtime.runners[index]
         queue = self.state.queues[index]
+        if not queue.ready:
+            raise DeviceError(f"queue {index} has no ring addresses")
         runner.stop()
         if runner.kick is not None:
             runner.kick.close()
         runner.kick = req.take_fd()
-        if not queue.ready:
-            raise DeviceError(f"queue {index} has no ring addresses")
         queue.sync_used_idx()
         if self.protocol_features_acked is False:
             runner.enabled = True

@@ -12,7 +12,7 @@ import ctypes
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NoReturn
 
 from ...backend.errors import RemoteProtocolError
 from ...backend.fd import OwnedFd, close_all
@@ -133,10 +133,13 @@ class BackendConnection:
     def receive(self, data: bytes, fds: Iterable[OwnedFd] = ()) -> None:
         """Take ``data`` and ownership of ``fds`` (they came with ``data``)."""
         fds = list(fds)
+        if self._broken:
+            close_all(fds)
+            return
         if fds:
             if not data:
                 close_all(fds)
-                raise RemoteProtocolError("fds arrived without data")
+                self._fail("fds arrived without data")
             self._fds.append((self._offset + len(self._buffer), fds))
         self._buffer += data
 
@@ -199,8 +202,9 @@ class BackendConnection:
             mine.extend(self._fds.pop(0)[1])
         return mine
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> NoReturn:
         self._broken = True
+        self.close()  # the fds of the refused message and anything buffered after it
         raise RemoteProtocolError(message)
 
     def _validate(self, req: Request) -> None:

@@ -1,0 +1,1 @@
+"""A PCI function in software: config space, BARs, MSI-X, INTx, virtio-pci."""
