@@ -19,11 +19,13 @@ How a run works:
 
 * Programs of the host (``host_binaries``, say ``mke2fs`` or ``fio``) can be put
   into the initramfs too, with every shared library they load and the dynamic
-  loader, at the paths they have on the host; they take precedence over busybox
-  applets of the same name. :func:`host_binary_files` finds those files.
+  loader, at the paths they have on the host (:func:`host_binary_files` finds
+  those files). In the script their names run them rather than busybox applets
+  of the same names; programs that busybox applets start (``xargs``,
+  ``taskset``, ``timeout``) are busybox's own unless given by full path.
 * The base initramfs (busybox, modules, host programs, ``/init``) is built once per
-  kernel, module list, program list and builder version, and cached (``$OUTBOARD_CACHE``, else
-  ``$XDG_CACHE_HOME/outboard``, else ``~/.cache/outboard``).
+  kernel, module list, program list and builder version, and cached
+  (``$OUTBOARD_CACHE``, else ``$XDG_CACHE_HOME/outboard``, else ``~/.cache/outboard``).
 * The script travels in a second, small cpio archive appended to the base one; the
   kernel unpacks concatenated archives in order.
 * ``/init`` mounts the pseudo file systems, loads the modules in dependency order,

@@ -215,3 +215,12 @@ def test_print_capabilities() -> None:
                          capture_output=True, text=True, check=True).stdout
     import json
     assert json.loads(out) == {"type": "rng"}
+
+
+async def test_set_status_zero_keeps_the_ring_positions(rng_socket: str) -> None:
+    """QEMU 7.2 stops a device with SET_STATUS 0 and only then asks GET_VRING_BASE."""
+    async with open_device(rng_socket, [8]) as driver:
+        for _ in range(3):
+            assert len(await read_some(driver)) == 32
+        await driver.frontend.set_status(0)
+        assert await driver.stop() == [3]

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from ...backend.device import DeviceState
+from ...backend.virtio import DeviceStatus
 from ...backend.errors import DeviceError, GuestMemoryError, OutboardError, RemoteProtocolError
 from ...backend.memory import GuestMemory, MemoryRegion, RegionSpec
 from ...backend.runtime import Runtime
@@ -334,7 +335,13 @@ class VhostUserBackend:
     def _set_status(self, req: Request) -> None:
         value = req.u64
         if value == 0:
-            self.reset()
+            # QEMU before 8.1 sends SET_STATUS 0 when it stops the device, and
+            # only then GET_VRING_BASE: the rings stop here but keep their
+            # positions, which GET_VRING_BASE must still report. Configuration
+            # the driver set (features, the blk cache mode) survives a VM pause;
+            # a real reset comes as RESET_DEVICE or a fresh SET_VRING_BASE.
+            self.runtime.stop_all()
+            self.state.status = DeviceStatus(0)
             return
         self.state.set_status(value)
 
