@@ -11,10 +11,10 @@ import logging
 from dataclasses import dataclass
 
 from ...backend.device import DeviceState
-from ...backend.virtio import DeviceStatus
 from ...backend.errors import DeviceError, GuestMemoryError, OutboardError, RemoteProtocolError
 from ...backend.memory import GuestMemory, MemoryRegion, RegionSpec
 from ...backend.runtime import Runtime
+from ...backend.virtio import DeviceStatus
 from .connection import BackendConnection, Request, pack_u64
 from .wire import (
     MAX_CONFIG_SIZE,
