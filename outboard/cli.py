@@ -14,7 +14,8 @@ from typing import Protocol
 import trio
 
 from .backend import VirtioDevice
-from .devices import blk, rng
+from .devices import blk, net, rng
+from .transports import vfio_user
 from .transports.vhost_user import serve_connect, serve_listener, serve_path
 
 log = logging.getLogger("outboard")
@@ -29,6 +30,7 @@ class DeviceCommand(Protocol):
 DEVICES: dict[str, tuple[DeviceCommand, str, str]] = {
     "rng": (rng.RngDevice, "virtio-rng: entropy for the guest", rng.EPILOG),
     "blk": (blk.BlkDevice, "virtio-blk: a raw image file or block device", blk.EPILOG),
+    "net": (net.NetDevice, "virtio-net: a tap, an in-process switch, a loopback", net.EPILOG),
 }
 
 
@@ -57,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         where = p.add_mutually_exclusive_group()
-        where.add_argument("--socket-path", metavar="PATH",
-                           help="listen on this unix socket (the VMM connects)")
+        where.add_argument("--socket-path", metavar="PATH", action="append",
+                           help="listen on this unix socket (the VMM connects); net "
+                                "takes it again for each further device")
         where.add_argument("--connect", metavar="PATH",
                            help="connect to a VMM listening on PATH (QEMU chardev server=on), "
                                 "retrying until it appears")
@@ -66,13 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="serve on inherited listening socket fd N")
         p.add_argument("--print-capabilities", action="store_true",
                        help="print the back-end's capabilities as JSON and exit")
+        p.add_argument("--transport", choices=("vhost-user", "vfio-user"),
+                       default="vhost-user",
+                       help="the protocol the VMM speaks (default vhost-user); with vfio-user "
+                            "the device is a virtio-pci function (QEMU's vfio-user-pci)")
         p.add_argument("-v", "--verbose", action="count", default=0,
                        help="log every protocol message")
         command.add_arguments(p)
     return parser
 
 
-async def _serve(device: VirtioDevice, args: argparse.Namespace) -> None:
+async def _serve(devices: Sequence[VirtioDevice], args: argparse.Namespace) -> None:
+    device = devices[0]
     async with trio.open_nursery() as nursery:
         async def on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -82,15 +90,19 @@ async def _serve(device: VirtioDevice, args: argparse.Namespace) -> None:
                     return
 
         nursery.start_soon(on_signal)
+        vfio = args.transport == "vfio-user"
         if args.socket_path:
-            await serve_path(device, args.socket_path)
+            async with trio.open_nursery() as servers:
+                for each, path in zip(devices, args.socket_path, strict=True):
+                    await servers.start(vfio_user.serve_path if vfio else serve_path, each, path)
         elif args.connect:
             await serve_connect(device, args.connect)
         else:
             sock = socket.socket(fileno=args.fd)
             sock.setblocking(False)
             log.info("serving on inherited fd %d", args.fd)
-            await serve_listener(device, trio.socket.from_stdlib_socket(sock))
+            await (vfio_user.serve_listener if vfio else serve_listener)(
+                device, trio.socket.from_stdlib_socket(sock))
         nursery.cancel_scope.cancel()
 
 
@@ -103,19 +115,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.socket_path is None and args.connect is None and args.fd is None:
         parser.error("one of --socket-path, --connect or --fd is required")
+    if args.transport == "vfio-user" and args.connect:
+        parser.error("--connect is for vhost-user: a vfio-user client connects to the server")
     setup_logging(args.verbose)
+    count = len(args.socket_path or [None])
+    several = getattr(command, "devices_from_args", None)
+    if count > 1 and several is None:
+        parser.error(f"{args.device} serves one device: give --socket-path once")
     try:
-        device = command.from_args(args)
+        devices: list[VirtioDevice] = (
+            several(args, count) if several is not None else [command.from_args(args)])
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     try:
-        trio.run(_serve, device, args)
+        trio.run(_serve, devices, args)
     except OSError as exc:
         log.error("%s", exc)
         return 1
     finally:
-        device.close()
+        for device in devices:
+            device.close()
     return 0
 
 

@@ -93,7 +93,7 @@ class BarKind(enum.Enum):
 class _Hook:
     start: int
     end: int
-    call: Callable[[], None]
+    call: Callable[[int, int], None]
 
     def overlaps(self, offset: int, size: int) -> bool:
         return offset < self.end and self.start < offset + size
@@ -124,12 +124,14 @@ class ConfigSpace:
         self.wmask[offset:offset + size] = wmask.to_bytes(size, "little")
         self.w1c[offset:offset + size] = w1c.to_bytes(size, "little")
 
-    def on_read(self, offset: int, size: int, call: Callable[[], None]) -> None:
-        """``call`` refreshes ``data`` in ``[offset, offset + size)`` before a read."""
+    def on_read(self, offset: int, size: int, call: Callable[[int, int], None]) -> None:
+        """``call(offset, size)`` refreshes ``data`` in ``[offset, offset + size)``
+        before a read that overlaps it (and gets the read's own range)."""
         self._read_hooks.append(_Hook(offset, offset + size, call))
 
-    def on_write(self, offset: int, size: int, call: Callable[[], None]) -> None:
-        """``call`` applies the new ``data`` in ``[offset, offset + size)`` after a write."""
+    def on_write(self, offset: int, size: int, call: Callable[[int, int], None]) -> None:
+        """``call(offset, size)`` applies the new ``data`` in ``[offset, offset + size)``
+        after a write that overlaps it (and gets the write's own range)."""
         self._write_hooks.append(_Hook(offset, offset + size, call))
 
     def type0_header(self, *, vendor_id: int, device_id: int, revision: int,
@@ -232,7 +234,7 @@ class ConfigSpace:
         self._check(offset, size)
         for hook in self._read_hooks:
             if hook.overlaps(offset, size):
-                hook.call()
+                hook.call(offset, size)
         return bytes(self.data[offset:offset + size])
 
     def write(self, offset: int, data: bytes) -> None:
@@ -244,7 +246,7 @@ class ConfigSpace:
             self.data[i] = new & ~(value & self.w1c[i]) & 0xFF
         for hook in self._write_hooks:
             if hook.overlaps(offset, size):
-                hook.call()
+                hook.call(offset, size)
 
     def u8(self, offset: int) -> int:
         return self.data[offset]
