@@ -1,0 +1,598 @@
+"""The net device's hot path over the split rings: no objects per frame.
+
+``SplitQueue.pop`` builds a ``Chain`` (two lists and a memoryview per
+descriptor) for every request; at a million frames a second that alone is more
+than the time there is. Nearly every chain a network driver offers is a single
+descriptor (Linux and DPDK put the virtio-net header in the buffer's headroom),
+so here such a chain is read straight from the descriptor table and answered
+straight into the used ring. Every other chain (several descriptors, an
+indirect table, a buffer outside the cached memory region, anything malformed)
+goes to ``SplitQueue.pop`` and so gets the framework's full checks.
+
+A ring is used in bursts: ``TxRing.drain`` is one burst; an ``RxRing`` is
+opened by the first frame of a burst and closed (published, one interrupt) by
+``close``. Nothing of guest memory is kept between bursts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from ...backend import Chain, GuestMemory, MemoryRegion, SplitQueue
+from .wire import HEADER_SIZE, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET
+
+__all__ = ["Backpressure", "NetStats", "RxRing", "RxStatus", "TxRing", "find_region",
+           "ring_views"]
+
+log = logging.getLogger("outboard.net")
+
+VIRTQ_DESC_F_WRITE = 2
+_unpack_desc = struct.Struct("<QIHH").unpack_from
+_num_buffers = struct.Struct("<H")
+_ONE_BUFFER = _num_buffers.pack(1)
+#: the largest packet (header and frame) the device handles
+MAX_PACKET = HEADER_SIZE + MAX_GSO_FRAME
+_DROPPED_FRAME = (errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.EFAULT)
+
+
+@dataclass(slots=True)
+class NetStats:
+    """What one device moved and dropped, per direction (tx: from the driver)."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    #: longer than the MTU (and not a GSO frame the device offered to take)
+    tx_oversize: int = 0
+    #: shorter than an Ethernet header
+    tx_errors: int = 0
+    #: longer than the MTU, passed on as GSO frames (segmentation offload)
+    tx_gso: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    #: no receive buffer (or not enough of them for one frame): the ring was full
+    rx_ring_full: int = 0
+    #: the buffer is smaller than the frame and the driver did not take MRG_RXBUF
+    rx_too_small: int = 0
+    #: longer than the MTU the driver was told
+    rx_oversize: int = 0
+    #: not for this device's MAC address (the driver turned promiscuous mode off)
+    rx_filtered: int = 0
+    #: the receive queue was not running (no driver, or its pair is disabled)
+    rx_no_queue: int = 0
+    #: shorter than an Ethernet header
+    rx_errors: int = 0
+    #: longer than the MTU, delivered as GSO frames (receive offload)
+    rx_gso: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def summary(self) -> str:
+        """The counters that are not zero, for a log line."""
+        return ", ".join(f"{k} {v}" for k, v in self.as_dict().items() if v) or "no traffic"
+
+    @property
+    def rx_dropped(self) -> int:
+        return (self.rx_ring_full + self.rx_too_small + self.rx_oversize + self.rx_no_queue
+                + self.rx_errors)
+
+
+def ring_views(queue: SplitQueue) -> tuple[memoryview, memoryview, memoryview] | None:
+    """The available ring (as u16), descriptor table and used ring (as u32) of a
+    queue with rings, or None.
+
+    ``SplitQueue`` keeps its ring views private and offers no way to complete
+    a chain without a ``Chain`` object; this is the one place that reaches in.
+    The views are used for one burst and dropped, so a replaced memory table
+    is never held on to.
+    """
+    avail = queue._avail_h
+    desc = queue._desc
+    used = queue._used
+    if avail is None or desc is None or used is None:
+        return None
+    return avail, desc, used[:4 + 8 * queue.size].cast("I")
+
+
+def find_region(memory: GuestMemory | None, gpa: int, size: int) -> MemoryRegion | None:
+    """The region holding ``[gpa, gpa + size)``, if one does."""
+    if memory is None:
+        return None
+    for region in memory:
+        offset = gpa - region.spec.gpa
+        if offset >= 0 and offset + size <= region.spec.size:
+            return region
+    return None
+
+
+def _first_region(memory: GuestMemory | None) -> tuple[int, int, memoryview | None]:
+    if memory is not None:
+        for region in memory:
+            return region.spec.gpa, region.spec.size, region.view
+    return 0, 0, None
+
+
+class Backpressure(Exception):
+    """Raised by a port's ``send``: the packet cannot be taken now and stays in
+    the transmit ring (a loopback whose receive ring is full, say)."""
+
+
+class RxStatus:
+    """What became of one frame offered to a receive queue."""
+
+    OK = 0
+    #: the ring has no buffer (or too few for the frame)
+    RING_FULL = 1
+    #: one buffer is too small and the driver did not take MRG_RXBUF
+    TOO_SMALL = 2
+    #: the queue is not running
+    NO_QUEUE = 3
+    #: nothing to read (``read_frame``)
+    EMPTY = 4
+    #: the frame was read but not delivered (filtered or too long)
+    DROPPED = 5
+
+
+class TxRing:
+    """One transmit queue: every chain is one packet (header, then the frame)."""
+
+    def __init__(self, queue: SplitQueue, pair: int, stats: NetStats) -> None:
+        self.queue = queue
+        self.pair = pair
+        self.stats = stats
+        #: longest packet (header included) without GSO, and with it (0: none offered)
+        self.max_packet = HEADER_SIZE + 1514
+        self.max_gso_packet = 0
+        self._scratch = bytearray(MAX_PACKET)
+
+    def drain(self, send: Callable[[memoryview, int], None],
+              capture: Callable[[memoryview], None] | None = None) -> int:
+        """Hand every available packet to ``send(packet, pair)``; return how many.
+
+        Oversized and runt packets are dropped and counted. Every chain is
+        completed with length 0 (the device writes nothing into a tx buffer);
+        the caller publishes (the runtime does, after ``process``). A port that
+        raises ``Backpressure`` stops the burst: that packet and the ones after
+        it stay in the ring.
+        """
+        queue = self.queue
+        views = ring_views(queue)
+        if views is None:
+            return 0
+        avail, desc, used = views
+        size = queue.size
+        mask = size - 1
+        last = queue.last_avail_idx
+        uidx = queue.used_idx
+        count = queue.available()
+        r_gpa, r_size, r_view = _first_region(queue.memory)
+        max_packet = self.max_packet
+        max_gso = self.max_gso_packet
+        pair = self.pair
+        min_packet = HEADER_SIZE + 14
+        sent = sent_bytes = oversize = runts = gso = 0
+        try:
+            while count:
+                count -= 1
+                head = avail[2 + (last & mask)]
+                packet: memoryview | None = None
+                if head < size and r_view is not None:
+                    addr, length, flags, _ = _unpack_desc(desc, head << 4)
+                    offset = addr - r_gpa
+                    if not flags and offset >= 0 and offset + length <= r_size:
+                        packet = r_view[offset:offset + length]
+                    elif not flags and (region := find_region(queue.memory, addr, length)):
+                        r_gpa, r_size, r_view = region.spec.gpa, region.spec.size, region.view
+                        offset = addr - r_gpa
+                        packet = r_view[offset:offset + length]
+                if packet is not None:
+                    last = (last + 1) & 0xFFFF
+                else:
+                    # Anything but one readable descriptor: the framework's walk.
+                    queue.last_avail_idx, queue.used_idx = last, uidx
+                    chain = queue.pop()
+                    last, uidx = queue.last_avail_idx, queue.used_idx
+                    count = queue.available()
+                    if chain is None:
+                        break
+                    head = chain.head
+                    packet = self._gather(chain)
+                if packet is None:
+                    oversize += 1
+                else:
+                    n = len(packet)
+                    if n > max_packet and (n > max_gso or not packet[1]):
+                        oversize += 1
+                    elif n < min_packet:
+                        runts += 1
+                    else:
+                        if n > max_packet:
+                            gso += 1
+                        send(packet, pair)
+                        if capture is not None:
+                            capture(packet[HEADER_SIZE:])
+                        sent += 1
+                        sent_bytes += n
+                slot = 1 + ((uidx & mask) << 1)
+                used[slot] = head
+                used[slot + 1] = 0
+                uidx = (uidx + 1) & 0xFFFF
+        except Backpressure:
+            # The port cannot take this packet now: it stays in the ring.
+            last = (last - 1) & 0xFFFF
+        queue.last_avail_idx = last
+        queue.used_idx = uidx
+        stats = self.stats
+        stats.tx_packets += sent
+        stats.tx_bytes += sent_bytes - sent * HEADER_SIZE
+        stats.tx_oversize += oversize
+        stats.tx_errors += runts
+        stats.tx_gso += gso
+        return sent
+
+    def _gather(self, chain: Chain) -> memoryview | None:
+        """The chain's readable bytes as one view (copied when there are several);
+        None if they are more than any packet can be."""
+        readable = chain.readable
+        if len(readable) == 1:
+            return readable[0]
+        scratch = memoryview(self._scratch)
+        n = 0
+        for seg in readable:
+            end = n + len(seg)
+            if end > len(scratch):
+                return None
+            scratch[n:end] = seg
+            n = end
+        return scratch[:n]
+
+
+class RxRing:
+    """One receive queue, opened for a burst of frames and closed after it.
+
+    ``put`` copies a packet (the 12-byte header, then the frame) into the next
+    buffer, or with MRG_RXBUF into as many as it needs, and sets
+    ``num_buffers``; ``read_frame`` reads one frame from a tap straight into
+    the next buffer. A frame that does not fit is dropped and counted; the
+    buffers stay for the next frame.
+    """
+
+    def __init__(self, queue: SplitQueue, stats: NetStats) -> None:
+        self.queue = queue
+        self.stats = stats
+        #: the driver took VIRTIO_NET_F_MRG_RXBUF
+        self.mergeable = False
+        #: longest packet (header included) without GSO, and with it (0: none)
+        self.max_packet = HEADER_SIZE + 1514
+        self.max_gso_packet = 0
+        #: the driver took GUEST_CSUM (else the header's flags must read 0)
+        self.guest_csum = False
+        #: decides whether a frame is for this device (None: promiscuous)
+        self.accept: Callable[[memoryview], bool] | None = None
+        #: records every delivered frame (without its header)
+        self.capture: Callable[[memoryview], None] | None = None
+        #: with no room for a frame, raise ``Backpressure`` instead of dropping it
+        self.hold = False
+        #: chains from the framework's walk that no frame has used yet
+        self.stash: list[Chain] = []
+        self.is_open = False
+        self._avail: memoryview | None = None
+        self._desc: memoryview | None = None
+        self._used: memoryview | None = None
+        self._r_view: memoryview | None = None
+        self._r_gpa = 0
+        self._r_size = 0
+        self._last = 0
+        self._uidx = 0
+        self._count = 0
+        self._mask = 0
+        self._size = 0
+        self._scratch = bytearray(MAX_PACKET)
+
+    # -- a burst -----------------------------------------------------------
+
+    def open(self) -> bool:
+        """Take the ring's state for a burst; False if the queue cannot receive now."""
+        queue = self.queue
+        if not queue.active:
+            return False
+        views = ring_views(queue)
+        if views is None:
+            return False
+        self._avail, self._desc, self._used = views
+        self._r_gpa, self._r_size, self._r_view = _first_region(queue.memory)
+        self._last = queue.last_avail_idx
+        self._uidx = queue.used_idx
+        self._count = queue.available()
+        self._size = queue.size
+        self._mask = queue.size - 1
+        self.is_open = True
+        return True
+
+    def close(self) -> None:
+        """Publish what the burst delivered and interrupt the driver once."""
+        if not self.is_open:
+            return
+        self.is_open = False
+        self._sync_out()
+        self._avail = self._desc = self._used = self._r_view = None
+        self.queue.flush()
+
+    def reset(self) -> None:
+        """The driver reset the device (or went away): forget held chains."""
+        self.is_open = False
+        self._avail = self._desc = self._used = self._r_view = None
+        self.stash.clear()
+
+    def room(self) -> bool:
+        """Whether a buffer is available now (the ring must be open)."""
+        return bool(self._count or self.stash or self._refill())
+
+    def _sync_out(self) -> None:
+        self.queue.last_avail_idx = self._last
+        self.queue.used_idx = self._uidx
+
+    def _sync_in(self) -> None:
+        queue = self.queue
+        self._last = queue.last_avail_idx
+        self._uidx = queue.used_idx
+        self._count = queue.available()
+
+    def _refill(self) -> int:
+        """Read the available index again (the driver may have added buffers)."""
+        self._sync_out()
+        self._count = self.queue.available()
+        return self._count
+
+    def _push(self, head: int, written: int) -> None:
+        used = self._used
+        assert used is not None
+        slot = 1 + ((self._uidx & self._mask) << 1)
+        used[slot] = head
+        used[slot + 1] = written
+        self._uidx = (self._uidx + 1) & 0xFFFF
+
+    def _peek(self, ahead: int) -> tuple[int, memoryview] | None:
+        """The ``ahead``-th available chain as (head, its buffer) if it is one
+        device-writable descriptor in guest memory; else None."""
+        avail = self._avail
+        assert avail is not None and self._desc is not None
+        head = avail[2 + ((self._last + ahead) & self._mask)]
+        if head >= self._size:
+            return None
+        addr, length, flags, _ = _unpack_desc(self._desc, head << 4)
+        if flags != VIRTQ_DESC_F_WRITE or length < HEADER_SIZE:
+            return None
+        offset = addr - self._r_gpa
+        if offset < 0 or offset + length > self._r_size:
+            region = find_region(self.queue.memory, addr, length)
+            if region is None:
+                return None
+            self._r_gpa, self._r_size, self._r_view = (region.spec.gpa, region.spec.size,
+                                                       region.view)
+            offset = addr - self._r_gpa
+        assert self._r_view is not None
+        return head, self._r_view[offset:offset + length]
+
+    # -- frames from inside the process ------------------------------------
+
+    def put(self, packet: memoryview | bytes | bytearray) -> int:
+        """Deliver one packet (header, then frame); an ``RxStatus``, counted.
+
+        ``num_buffers`` is set here; the rest of the header is the caller's.
+        """
+        if not self.is_open and not self.open():
+            self.stats.rx_no_queue += 1
+            return RxStatus.NO_QUEUE
+        n = len(packet)
+        if self._count and not self.stash:
+            # The common case, inline: one writable descriptor in the cached region.
+            avail = self._avail
+            assert avail is not None and self._desc is not None and self._r_view is not None
+            head = avail[2 + (self._last & self._mask)]
+            if head < self._size:
+                addr, length, flags, _ = _unpack_desc(self._desc, head << 4)
+                offset = addr - self._r_gpa
+                if (n <= length and flags == VIRTQ_DESC_F_WRITE and offset >= 0
+                        and offset + length <= self._r_size):
+                    view = self._r_view
+                    view[offset:offset + n] = packet
+                    view[offset + NUM_BUFFERS_OFFSET] = 1
+                    view[offset + NUM_BUFFERS_OFFSET + 1] = 0
+                    used = self._used
+                    assert used is not None
+                    uidx = self._uidx
+                    slot = 1 + ((uidx & self._mask) << 1)
+                    used[slot] = head
+                    used[slot + 1] = n
+                    self._uidx = (uidx + 1) & 0xFFFF
+                    self._last = (self._last + 1) & 0xFFFF
+                    self._count -= 1
+                    stats = self.stats
+                    stats.rx_packets += 1
+                    stats.rx_bytes += n - HEADER_SIZE
+                    if self.capture is not None:
+                        self.capture(memoryview(packet)[HEADER_SIZE:])
+                    return RxStatus.OK
+        status = self._put_chains(packet) if self.stash else self._put_spread(packet)
+        stats = self.stats
+        if status == RxStatus.OK:
+            stats.rx_packets += 1
+            stats.rx_bytes += n - HEADER_SIZE
+            if self.capture is not None:
+                self.capture(memoryview(packet)[HEADER_SIZE:])
+        elif status == RxStatus.RING_FULL:
+            if self.hold:
+                raise Backpressure
+            stats.rx_ring_full += 1
+        elif status == RxStatus.TOO_SMALL:
+            stats.rx_too_small += 1
+        return status
+
+    def _put_spread(self, packet: memoryview | bytes | bytearray) -> int:
+        """Buffers of one descriptor: as many as the frame needs (MRG_RXBUF)."""
+        n = len(packet)
+        spans: list[tuple[int, memoryview]] = []
+        room = 0
+        while room < n:
+            if len(spans) >= self._count:
+                self._refill()
+                if len(spans) >= self._count:
+                    return RxStatus.RING_FULL
+            peeked = self._peek(len(spans))
+            if peeked is None:
+                return self._put_chains(packet)
+            spans.append(peeked)
+            room += len(peeked[1])
+            if not self.mergeable:
+                break
+        if room < n:
+            return RxStatus.TOO_SMALL
+        src = memoryview(packet)
+        done = 0
+        for head, view in spans:
+            take = min(len(view), n - done)
+            view[:take] = src[done:done + take]
+            done += take
+            self._push(head, take)
+        _num_buffers.pack_into(spans[0][1], NUM_BUFFERS_OFFSET, len(spans))
+        self._last = (self._last + len(spans)) & 0xFFFF
+        self._count -= len(spans)
+        return RxStatus.OK
+
+    def _take_chain(self) -> Chain | None:
+        if self.stash:
+            return self.stash.pop(0)
+        self._sync_out()
+        chain = self.queue.pop()
+        self._sync_in()
+        return chain
+
+    def _put_chains(self, packet: memoryview | bytes | bytearray) -> int:
+        """The general path: chains from the framework's walk, any layout."""
+        n = len(packet)
+        chains: list[Chain] = []
+        room = 0
+        while room < n:
+            chain = self._take_chain()
+            if chain is None:
+                self.stash[:0] = chains
+                return RxStatus.RING_FULL
+            size = chain.writable_size
+            if size < HEADER_SIZE:
+                # Not a receive buffer at all: give it back empty.
+                log.warning("queue %d: receive chain of %d writable bytes", self.queue.index,
+                            size)
+                self._push(chain.head, 0)
+                continue
+            chains.append(chain)
+            room += size
+            if not self.mergeable and room < n:
+                self.stash[:0] = chains
+                return RxStatus.TOO_SMALL
+        src = memoryview(packet)
+        done = 0
+        for chain in chains:
+            take = min(chain.writable_size, n - done)
+            chain.write(src[done:done + take])
+            done += take
+            self._push(chain.head, take)
+        chains[0].write(_num_buffers.pack(len(chains)), NUM_BUFFERS_OFFSET)
+        return RxStatus.OK
+
+    # -- frames from a tap -------------------------------------------------
+
+    def read_frame(self, fd: int, overflow: memoryview) -> int:
+        """Read one packet from ``fd`` (a tap with a 12-byte vnet header) into the
+        next buffer; an ``RxStatus``, counted. ``overflow`` takes what does not fit.
+
+        With no buffer nothing is read: the frame waits in the tap's queue.
+        """
+        if not self.is_open and not self.open():
+            return RxStatus.NO_QUEUE
+        if not self.room():
+            return RxStatus.RING_FULL
+        peeked = None if self.stash else self._peek(0)
+        if peeked is None:
+            return self._read_into_chain(fd, overflow)
+        head, view = peeked
+        length = len(view)
+        try:
+            n = os.readv(fd, [view, overflow])
+        except BlockingIOError:
+            return RxStatus.EMPTY
+        if n > length:
+            # Longer than the first buffer: assemble it, then spread it.
+            scratch = memoryview(self._scratch)
+            scratch[:length] = view
+            scratch[length:n] = overflow[:n - length]
+            return self._deliver_read(scratch[:n])
+        packet = view[:n]
+        if not self._admit(packet):
+            return RxStatus.DROPPED
+        _num_buffers.pack_into(view, NUM_BUFFERS_OFFSET, 1)
+        self._push(head, n)
+        self._last = (self._last + 1) & 0xFFFF
+        self._count -= 1
+        stats = self.stats
+        stats.rx_packets += 1
+        stats.rx_bytes += n - HEADER_SIZE
+        if self.capture is not None:
+            self.capture(packet[HEADER_SIZE:])
+        return RxStatus.OK
+
+    def _read_into_chain(self, fd: int, overflow: memoryview) -> int:
+        """A buffer that is not one descriptor: read, then copy with ``put``."""
+        chain = self._take_chain()
+        if chain is None:
+            return RxStatus.RING_FULL
+        self.stash.insert(0, chain)  # ``put`` takes it again
+        try:
+            n = os.readv(fd, [*chain.writable, overflow])
+        except BlockingIOError:
+            return RxStatus.EMPTY
+        scratch = memoryview(self._scratch)
+        done = 0
+        for seg in chain.writable:
+            take = min(len(seg), n - done)
+            scratch[done:done + take] = seg[:take]
+            done += take
+        if n > done:
+            scratch[done:n] = overflow[:n - done]
+        return self._deliver_read(scratch[:n])
+
+    def _deliver_read(self, packet: memoryview) -> int:
+        if not self._admit(packet):
+            return RxStatus.DROPPED
+        status = self.put(packet)
+        return RxStatus.OK if status == RxStatus.OK else RxStatus.DROPPED
+
+    def _admit(self, packet: memoryview) -> bool:
+        """Drop (and count) a frame read from outside that the driver must not
+        see; clear the header's flags when the driver cannot take them."""
+        n = len(packet)
+        stats = self.stats
+        if n > self.max_packet:
+            if n > self.max_gso_packet or not packet[1]:
+                stats.rx_oversize += 1
+                return False
+            stats.rx_gso += 1
+        if n < HEADER_SIZE + 14:
+            stats.rx_errors += 1
+            return False
+        if self.accept is not None and not self.accept(packet):
+            stats.rx_filtered += 1
+            return False
+        if not self.guest_csum:
+            packet[0] = 0
+        return True
+
+
+def is_dropped_frame_error(exc: OSError) -> bool:
+    """A write the kernel refused for this frame alone (a bad GSO header, say)."""
+    return exc.errno in _DROPPED_FRAME
