@@ -106,6 +106,14 @@ class VirtioDevice:
         if self._config_changed is not None:
             self._config_changed()
 
+    def set_config_notifier(self, notifier: Callable[[], None] | None) -> None:
+        """For transports: how ``config_changed`` reaches the driver (None: nowhere)."""
+        self._config_changed = notifier
+
+    @property
+    def config_notifier(self) -> Callable[[], None] | None:
+        return self._config_changed
+
 
 class DeviceState:
     """The framework half of a device: features, status, queues."""

@@ -241,7 +241,7 @@ class VirtioPciFunction(PciFunction):
             setter = getattr(self, f"_set_{name}", None)
             if setter is not None:
                 self._setters[name] = setter
-        device._config_changed = self.config_changed
+        device.set_config_notifier(self.config_changed)
 
     # -- common configuration (4.1.4.3) -------------------------------------
 
@@ -607,8 +607,8 @@ class VirtioPciFunction(PciFunction):
 
     def close(self) -> None:
         self.reset_device()
-        if self.device._config_changed == self.config_changed:
-            self.device._config_changed = None
+        if self.device.config_notifier == self.config_changed:
+            self.device.set_config_notifier(None)
         close_all(self._notify_fds)
         super().close()
 

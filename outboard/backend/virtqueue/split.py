@@ -372,8 +372,8 @@ class SplitQueue:
         valid = self._signalled_valid
         self._signalled_used = new
         self._signalled_valid = True
-        if old == new and valid:
-            return False
+        if old == new:
+            return False  # nothing new since the last check (or since the start)
         if self.event_idx:
             if not valid:
                 return True
