@@ -68,3 +68,52 @@ def short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path, for Unix sockets (108-byte limit)."""
     with tempfile.TemporaryDirectory(prefix="outboard-") as name:
         yield Path(name)
+
+
+#: Builds (once, then cached) a QEMU with the ``vfio-user-pci`` device.
+BUILD_QEMU_VFIO_USER = E2E_DIR.parents[1] / "scripts" / "build-qemu-vfio-user"
+#: A cold build takes 5 to 15 minutes.
+BUILD_QEMU_TIMEOUT = 1800
+
+
+@pytest.fixture(scope="session")
+def qemu_vfio_user(request: pytest.FixtureRequest) -> Path:
+    """A ``qemu-system-x86_64`` (QEMU 10.1 or newer) with the ``vfio-user-pci`` device.
+
+    Runs ``scripts/build-qemu-vfio-user``, which builds it the first time (its
+    progress goes to the terminal) and afterwards prints the cached binary at
+    once. Skips when it cannot be built, except under CI, where that fails.
+    """
+    import contextlib
+    import subprocess
+    import sys
+
+    script = BUILD_QEMU_VFIO_USER.name
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    shown = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+    binary: Path | None = None
+    with shown:
+        print(f"\n{script}: finding or building QEMU ...", file=sys.stderr, flush=True)
+        try:
+            done = subprocess.run(
+                [str(BUILD_QEMU_VFIO_USER)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                text=True,
+                timeout=BUILD_QEMU_TIMEOUT,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reason = f"{script}: {exc}"
+        else:
+            lines = done.stdout.strip().splitlines()
+            if done.returncode != 0 or not lines:
+                reason = f"{script} exited with {done.returncode} (its output is above)"
+            elif not os.access(lines[-1].strip(), os.X_OK):
+                reason = f"{script} printed {lines[-1].strip()!r}, not an executable"
+            else:
+                binary = Path(lines[-1].strip())
+    if binary is not None:
+        return binary
+    if os.environ.get("CI"):
+        pytest.fail(f"no QEMU with vfio-user-pci under CI: {reason}", pytrace=False)
+    pytest.skip(f"no QEMU with vfio-user-pci: {reason}")
