@@ -1,0 +1,1 @@
+"""Benchmarks for outboard's devices (run them from the repository root)."""
