@@ -7,7 +7,6 @@ index and writing the call eventfd once per batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -75,13 +74,15 @@ class QueueRunner:
     def _on_queue_error(self, queue: SplitQueue, reason: str) -> None:
         _signal(self.err)
 
-    def drain(self) -> None:
-        """Let the device process every available chain; interrupt once per batch."""
+    def drain(self, rounds: int = 64) -> bool:
+        """Let the device process available chains, publishing and interrupting
+        once per batch; True if work is left after ``rounds`` batches (the
+        worker then lets other tasks run before it goes on)."""
         queue = self.queue
-        if not self.enabled or not queue.ready:
-            return
+        if not queue.enabled or not queue.ready:
+            return False
         device = self.state.device
-        while True:
+        for _ in range(rounds):
             before = queue.last_avail_idx
             try:
                 device.process(queue)
@@ -95,11 +96,12 @@ class QueueRunner:
                 queue.broken = True
                 self.state.needs_reset()
                 _signal(self.err)
-                return
+                return False
             if notify:
                 self.signal()
             if not more or queue.last_avail_idx == before:
-                return
+                return False
+        return True
 
     def set_call(self, fd: OwnedFd | None) -> None:
         """Swap the call fd. Signals already written went to the old fd, which the
@@ -149,15 +151,19 @@ class QueueRunner:
             if scope.cancel_called:
                 return  # stopped before it ever ran: the ring state is already final
             try:
-                self.drain()
+                while self.drain():
+                    await trio.lowlevel.checkpoint()
                 while True:
                     if kick_fd < 0:
                         await trio.sleep(POLL_INTERVAL)
                     else:
                         await trio.lowlevel.wait_readable(kick_fd)
-                        with contextlib.suppress(BlockingIOError):
+                        try:
                             os.read(kick_fd, 8)
-                    self.drain()
+                        except BlockingIOError:
+                            pass
+                    while self.drain():
+                        await trio.lowlevel.checkpoint()
             except trio.ClosedResourceError:
                 pass
 

@@ -84,6 +84,10 @@ class SplitQueue:
         self.notifier: Callable[[], None] | None = None
         #: vhost-user "started but disabled" rings are not processed
         self.enabled = True
+        #: how many chains ``pop_batch`` hands out at once: the runtime publishes
+        #: and interrupts after each batch, so the driver can reap and refill
+        #: while the device works on the next one
+        self.batch_limit = 32
         self._signalled_used = 0
         self._signalled_valid = False
         self._desc: memoryview | None = None
@@ -185,8 +189,8 @@ class SplitQueue:
         batch = self.pop_batch(1)
         return batch[0] if batch else None
 
-    def pop_batch(self, limit: int = MAX_QUEUE_SIZE) -> list[Chain]:
-        """Up to ``limit`` well-formed chains: everything available now.
+    def pop_batch(self, limit: int | None = None) -> list[Chain]:
+        """Up to ``limit`` (default ``batch_limit``) well-formed chains available now.
 
         The hot path of every device. Chains whose buffers all lie in the
         region of the last lookup, directly or through one indirect table, are
@@ -204,6 +208,8 @@ class SplitQueue:
             return out
         if not pending:
             return out
+        if limit is None:
+            limit = self.batch_limit
         size = self.size
         mask = size - 1
         desc = self._desc
@@ -267,7 +273,7 @@ class SplitQueue:
 
     def __iter__(self) -> Iterator[Chain]:
         """Drain the ring: every chain available now (and any that arrive meanwhile)."""
-        while batch := self.pop_batch():
+        while batch := self.pop_batch(MAX_QUEUE_SIZE):
             yield from batch
 
     def _walk(self, head: int) -> Chain:
