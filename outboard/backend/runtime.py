@@ -158,6 +158,8 @@ class QueueRunner:
                         await trio.sleep(POLL_INTERVAL)
                     else:
                         await trio.lowlevel.wait_readable(kick_fd)
+                        if scope.cancel_called:
+                            return  # stopped (and the fd maybe closed) since it woke
                         try:
                             os.read(kick_fd, 8)
                         except BlockingIOError:

@@ -245,12 +245,13 @@ class VhostUserDriver:
     def event_idx(self) -> bool:
         return bool(self.features >> Feature.RING_EVENT_IDX & 1)
 
-    async def start(self, queue_sizes: Sequence[int]) -> None:
-        """Share RAM, lay out and start the queues the way QEMU does."""
+    async def start(self, queue_sizes: Sequence[int], *, share_memory: bool = True) -> None:
+        """Share RAM (unless done already), lay out and start the queues the way QEMU does."""
         fe = self.frontend
         if fe.protocol_features >> ProtocolFeature.STATUS & 1:
             await fe.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
-        await fe.set_mem_table([self.ram])
+        if share_memory:
+            await fe.set_mem_table([self.ram])
         for index, size in enumerate(queue_sizes):
             q = DriverQueue(self.ram, size, event_idx=self.event_idx)
             self.queues.append(q)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from outboard.devices.net import (
     CtrlMac,
     CtrlMq,
     CtrlRx,
+    Generator,
     HeaderFlag,
     Loopback,
     NetDevice,
@@ -36,7 +38,8 @@ from outboard.devices.net import (
 )
 from outboard.devices.net.device import finish_checksum
 from outboard.devices.net.wire import CONFIG, HEADER, HEADER_SIZE
-from outboard.testing import Buffer, VhostUserDriver, open_device
+from outboard.testing import Buffer, GuestRam, VhostUserDriver, VhostUserFrontend, open_device
+from outboard.transports.fdstream import FdStream
 from outboard.transports.vhost_user import ProtocolFeature, serve_path
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
@@ -340,6 +343,20 @@ async def test_loopback_holds_frames_while_the_receive_ring_is_full(tmp_path: Pa
     assert nic.device.stats.rx_ring_full == 0
 
 
+async def test_loopback_holds_frames_until_the_receive_queue_runs(tmp_path: Path) -> None:
+    async with one(tmp_path, Loopback()) as nic:
+        await nic.driver.frontend.set_vring_enable(0, False)
+        nic.send(header() + frame(MAC_A, MAC_B))
+        await trio.testing.wait_all_tasks_blocked()
+        assert nic.driver.queues[1].pending_used() == 0
+        await nic.driver.frontend.set_vring_enable(0, True)
+        nic.post(1)
+        (got,) = await nic.receive()
+        await nic.sent()
+    assert got.frame == frame(MAC_A, MAC_B)
+    assert nic.device.stats.rx_no_queue == 0
+
+
 async def test_mergeable_rx_spans_several_small_buffers(tmp_path: Path) -> None:
     async with one(tmp_path) as nic:
         assert nic.mergeable
@@ -410,7 +427,7 @@ async def test_full_ring_drops_and_counts(tmp_path: Path) -> None:
 
 
 async def test_frames_without_a_running_queue_are_counted(tmp_path: Path) -> None:
-    device = NetDevice(Loopback())
+    device = NetDevice(Port())
     device.deliver(header() + frame(MAC_A, MAC_B))
     assert device.stats.rx_no_queue == 1
     device.close()
@@ -636,12 +653,23 @@ def test_pcap_header_is_classic_ethernet(tmp_path: Path) -> None:
 
 
 async def test_generator_fills_every_buffer(tmp_path: Path) -> None:
-    from outboard.devices.net import Generator
-
     async with one(tmp_path, Generator(64)) as nic:
         nic.post(10)
         got = await nic.receive(10)
-    assert all(r.frame == udp_frame(64) for r in got)
+        nic.post_chain([HEADER_SIZE, 100])  # not one descriptor: the general path
+        nic.post(2)
+        got += await nic.receive(3)
+    assert all(r.frame == udp_frame(64) and r.buffers == 1 for r in got)
+    assert nic.device.stats.rx_packets == 13
+
+
+def test_udp_frame_is_well_formed() -> None:
+    data = udp_frame(100)
+    assert len(data) == 100 and data[12:14] == b"\x08\x00"
+    assert int.from_bytes(data[14:34], "big") % 0xFFFF == 0  # the IP header checksum
+    assert struct.unpack("!H", data[16:18])[0] == 86
+    with pytest.raises(ValueError):
+        udp_frame(41)
 
 
 # -- the command line -------------------------------------------------------------
@@ -675,6 +703,68 @@ def test_cli_serves_several_devices_on_one_switch(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["fd", "connect"])
+def test_cli_serves_one_device_on_an_fd_or_by_connecting(tmp_path: Path, mode: str) -> None:
+    path = str(tmp_path / "net.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    argv = [sys.executable, "-m", "outboard", "net", "--loopback", "--config-space",
+            "--mac", "02:00:00:00:00:0c"]
+    if mode == "fd":
+        proc = subprocess.Popen([*argv, "--fd", str(listener.fileno())],
+                                pass_fds=[listener.fileno()], stderr=subprocess.PIPE, text=True)
+        listener.close()
+    else:
+        listener.close()
+        os.unlink(path)
+        proc = subprocess.Popen([*argv, "--connect", path], stderr=subprocess.PIPE, text=True)
+
+    async def round_trip() -> tuple[bytes, Received]:
+        if mode == "connect":
+            # The VMM listens (QEMU's server=on): the back-end connects to us.
+            with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+                await server.bind(path)
+                server.listen(1)
+                with trio.fail_after(10):
+                    conn, _ = await server.accept()
+            stream = FdStream(conn)
+            fe = VhostUserFrontend(stream)
+            ram = GuestRam(4 << 20)
+            try:
+                async with fe:
+                    driver = VhostUserDriver(fe, ram)
+                    try:
+                        await driver.negotiate()
+                        await driver.start([64, 64, 16])
+                        return await _loop_once(Nic(driver, 1))
+                    finally:
+                        driver.close()
+            finally:
+                ram.close()
+        async with open_device(path, [64, 64, 16], ram_size=4 << 20) as driver:
+            return await _loop_once(Nic(driver, 1))
+
+    try:
+        mac, got = trio.run(round_trip)
+        assert mac == bytes.fromhex("02000000000c")
+        assert got.frame == frame(BROADCAST, MAC_B)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+async def _loop_once(nic: Nic) -> tuple[bytes, Received]:
+    mac = (await nic.config())[0]
+    nic.post(1)
+    nic.send(header() + frame(BROADCAST, MAC_B))
+    await nic.sent()
+    (got,) = await nic.receive()
+    return mac, got
 
 
 def test_cli_refuses_several_sockets_for_one_device_kinds(tmp_path: Path) -> None:

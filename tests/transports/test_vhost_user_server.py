@@ -224,3 +224,36 @@ async def test_set_status_zero_keeps_the_ring_positions(rng_socket: str) -> None
             assert len(await read_some(driver)) == 32
         await driver.frontend.set_status(0)
         assert await driver.stop() == [3]
+
+
+async def test_ring_enabled_before_set_features_stays_enabled(rng_socket: str) -> None:
+    """QEMU enables a net device's rings before SET_FEATURES and never again."""
+    ram = GuestRam(1 << 20)
+    async with await VhostUserFrontend.connect(rng_socket) as fe:
+        driver = VhostUserDriver(fe, ram)
+        offered = await fe.get_features()
+        await fe.set_protocol_features(await fe.get_protocol_features())
+        await fe.set_owner()
+        await fe.set_vring_enable(0, True)
+        await fe.set_features(offered)
+        driver.features = offered
+        fe.protocol_features = 0  # start() must not enable the ring again
+        await driver.start([8])
+        assert len(await read_some(driver)) == 32
+        driver.close()
+    ram.close()
+
+
+async def test_the_same_region_added_twice_is_counted(rng_socket: str) -> None:
+    """QEMU sends ADD_MEM_REG once per vhost device, so once per queue pair."""
+    ram = GuestRam(1 << 20)
+    async with await VhostUserFrontend.connect(rng_socket) as fe:
+        driver = VhostUserDriver(fe, ram)
+        await driver.negotiate()
+        await fe.add_mem_reg(ram)
+        await fe.add_mem_reg(ram)
+        await fe.rem_mem_reg(ram)  # one reference left: still mapped
+        await driver.start([8], share_memory=False)
+        assert len(await read_some(driver)) == 32
+        driver.close()
+    ram.close()

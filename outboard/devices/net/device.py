@@ -28,7 +28,7 @@ import trio
 from ...backend import QueueSpec, SplitQueue, VirtioDevice, VirtioDeviceId, bit
 from .pcap import PcapWriter
 from .port import Generator, Loopback, Port
-from .ring import NetStats, RxRing, RxStatus, TxRing
+from .ring import MIN_PACKET, Backpressure, NetStats, RxRing, RxStatus, TxRing
 from .switch import Switch
 from .tap import Tap
 from .wire import (
@@ -62,6 +62,8 @@ attach to QEMU (guest RAM must be shared), N queue pairs:
   -chardev socket,id=c0,path=SOCKET
   -netdev vhost-user,id=n0,chardev=c0,queues=N
   -device virtio-net-pci,netdev=n0,mq=on,vectors=2*N+2
+  (QEMU 7.2 under TCG crashes in vhost_net_start with any vhost-user-net
+  back-end when the device has MSI-X: there, use vectors=0)
 
 attach DPDK (no VM, no hugepages):
   dpdk-testpmd --no-huge -m 256 --no-pci --vdev net_virtio_user0,path=SOCKET,queues=N ...
@@ -72,6 +74,10 @@ several devices on one switch, one socket each (MACs count up from --mac):
 
 BROADCAST = b"\xff" * ETH_ALEN
 DEFAULT_MTU = 1500
+#: a transmit burst at least this long means a busy driver (see ``_transmit``)...
+BUSY_BURST = 32
+#: ...and this many looks at its ring find nothing before the device waits
+BUSY_LOOKS = 64
 #: the largest MTU (config space ``mtu`` is 16 bits; frames must fit one GSO packet)
 MAX_MTU = 65535 - ETH_HLEN - VLAN_HLEN
 _u16 = struct.Struct("<H")
@@ -183,6 +189,8 @@ class NetDevice(VirtioDevice):
         #: tasks of the current connection (``run``)
         self._nursery: trio.Nursery | None = None
         port.attach(self)
+        #: what takes each transmitted packet (``Port.sender``)
+        self._send = port.sender()
 
     # -- the device API ----------------------------------------------------
 
@@ -203,9 +211,9 @@ class NetDevice(VirtioDevice):
 
         By default there is none: QEMU and DPDK's virtio-user build a net
         device's config space themselves (MAC, link, pairs and MTU from their
-        own options) and never read it over vhost-user, and QEMU 7.2 crashes
-        when a net back-end offers VHOST_USER_PROTOCOL_F_CONFIG (which the
-        framework offers whenever there is a config space).
+        own options) and never read it over vhost-user, and QEMU warns about a
+        net back-end that offers VHOST_USER_PROTOCOL_F_CONFIG (which the
+        transport offers whenever there is a config space).
         """
         if not self.config_space:
             return b""
@@ -218,10 +226,6 @@ class NetDevice(VirtioDevice):
         super().bind(queues)
         self._tx = [TxRing(queues[2 * i + 1], i, self.stats) for i in range(self.queue_pairs)]
         self._rx = [RxRing(queues[2 * i], self.stats) for i in range(self.queue_pairs)]
-        # A ring is enabled by SET_VRING_ENABLE (or, without protocol features,
-        # by the transport), never by default: see ``_keep_ring_states``.
-        for queue in queues:
-            queue.enabled = False
         self._configure_rings()
 
     def activate(self, features: int) -> None:
@@ -229,31 +233,7 @@ class NetDevice(VirtioDevice):
         self.active_pairs = 1
         self._configure_rings()
         self.port.activate(features)
-        self._keep_ring_states()
 
-    def _keep_ring_states(self) -> None:
-        """Put back the ring states SET_FEATURES is about to overwrite.
-
-        QEMU enables a net device's rings with SET_VRING_ENABLE *before*
-        SET_FEATURES and never again; the vhost-user transport then disables
-        every ring that is not running yet while it applies SET_FEATURES
-        (``VhostUserBackend._set_features``), so the rings would never run.
-        The vhost-user spec lets only SET_VRING_ENABLE (and resets) disable a
-        ring. This runs inside SET_FEATURES, before the overwrite: the states
-        are put back by a task that runs at the next checkpoint, long before
-        the front-end starts the rings.
-        """
-        nursery = self._nursery
-        if nursery is None:
-            return
-        queues = list(self.virtqueues)
-        states = [queue.enabled for queue in queues]
-
-        async def put_back() -> None:
-            for queue, enabled in zip(queues, states, strict=True):
-                queue.enabled = enabled
-
-        nursery.start_soon(put_back, name="net-keep-ring-states")
 
     def reset(self) -> None:
         if self.stats != self._logged_stats:
@@ -315,24 +295,43 @@ class NetDevice(VirtioDevice):
         if index == self.ctrl_index:
             self._control(queue)
         elif index & 1:
-            self._tx[index >> 1].drain(self.port.send, self._capture_write)
-            self.port.end_batch()
+            self._transmit(self._tx[index >> 1])
         else:
             self.port.ready(index >> 1)
+
+    def _transmit(self, tx: TxRing) -> None:
+        """Drain a transmit ring. A driver that keeps it busy refills it within
+        microseconds of seeing the used entries, while going back to the event
+        loop for its next kick costs tens: after a full burst the entries are
+        published at once and the ring looked at again, a few times, before
+        returning."""
+        queue = tx.queue
+        sent = tx.drain(self._send, self._capture_write)
+        self.port.end_batch()
+        looks = 0
+        while sent >= BUSY_BURST and looks < BUSY_LOOKS:
+            queue.flush()
+            if not queue.available():
+                looks += 1
+                continue
+            sent = tx.drain(self._send, self._capture_write)
+            self.port.end_batch()
+            looks = 0
 
     def transmit_all(self) -> None:
         """Take what waits in every transmit ring now (a lossless port whose
         receive ring had been full), and tell the driver."""
         for tx in self._tx:
             if tx.queue.active:
-                tx.drain(self.port.send, self._capture_write)
+                tx.drain(self._send, self._capture_write)
                 tx.queue.flush()
         self.port.end_batch()
 
     # -- receive -----------------------------------------------------------
 
     def _ring(self, pair: int) -> RxRing | None:
-        """The receive ring for frames from queue pair ``pair``, open for a burst."""
+        """A running receive ring for frames from queue pair ``pair``, open for a
+        burst: the pair's own if it runs, else the first that does."""
         used = self._rx_used
         if not used:
             return None
@@ -347,23 +346,39 @@ class NetDevice(VirtioDevice):
     def deliver(self, packet: memoryview | bytes | bytearray, pair: int = 0) -> None:
         """A packet (header, then frame) for the driver; dropped and counted if it
         cannot be delivered. End the burst with ``end_receive``."""
-        ring = self._ring(pair)
-        if ring is None:
-            self.stats.rx_no_queue += 1
-            return
+        used = self._rx_used
+        ring = used[pair % len(used)] if used else None
+        if ring is None or not (ring.is_open or ring.open()):
+            ring = self._ring(pair)
+            if ring is None:
+                if self.port.lossless:
+                    raise Backpressure  # wait in the transmit ring for a receive queue
+                self.stats.rx_no_queue += 1
+                return
+        n = len(packet)
+        if n > ring.max_packet or n < MIN_PACKET or packet[0] or ring.accept is not None:
+            checked = self._check(ring, packet)
+            if checked is None:
+                return
+            packet = checked
+        ring.put(packet)
+
+    def _check(self, ring: RxRing, packet: memoryview | bytes | bytearray,
+               ) -> memoryview | bytes | bytearray | None:
+        """The uncommon cases of ``deliver``: the packet to deliver, or None (counted)."""
         n = len(packet)
         if n > ring.max_packet and (n > ring.max_gso_packet or not packet[1]):
             self.stats.rx_oversize += 1
-            return
-        if n < HEADER_SIZE + ETH_HLEN:
+            return None
+        if n < MIN_PACKET:
             self.stats.rx_errors += 1
-            return
+            return None
         if ring.accept is not None and not ring.accept(memoryview(packet)):
             self.stats.rx_filtered += 1
-            return
+            return None
         if packet[0] and not ring.guest_csum:
-            packet = finish_checksum(packet)
-        ring.put(packet)
+            return finish_checksum(packet)
+        return packet
 
     def end_receive(self) -> None:
         """Publish what ``deliver`` put in the rings: one interrupt per queue."""
@@ -377,9 +392,7 @@ class NetDevice(VirtioDevice):
         ring = self._ring(pair)
         if ring is None:
             return 0
-        count = 0
-        while ring.room() and ring.put(packet) == RxStatus.OK:
-            count += 1
+        count = ring.fill(packet)
         ring.close()
         return count
 
@@ -516,8 +529,8 @@ class NetDevice(VirtioDevice):
                             help="largest ring size the driver may choose (default 1024)")
         parser.add_argument("--config-space", action="store_true",
                             help="serve the config space (MAC, link, pairs, MTU) over "
-                                 "vhost-user; QEMU and DPDK build it themselves, and "
-                                 "QEMU 7.2 crashes on a net back-end that offers it")
+                                 "vhost-user; QEMU and DPDK build their own (QEMU warns "
+                                 "about a net back-end that offers one)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> NetDevice:

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import struct
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -34,9 +35,10 @@ log = logging.getLogger("outboard.net")
 VIRTQ_DESC_F_WRITE = 2
 _unpack_desc = struct.Struct("<QIHH").unpack_from
 _num_buffers = struct.Struct("<H")
-_ONE_BUFFER = _num_buffers.pack(1)
 #: the largest packet (header and frame) the device handles
 MAX_PACKET = HEADER_SIZE + MAX_GSO_FRAME
+#: the smallest: a header and an Ethernet header
+MIN_PACKET = HEADER_SIZE + 14
 _DROPPED_FRAME = (errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.EFAULT)
 
 
@@ -110,11 +112,33 @@ def find_region(memory: GuestMemory | None, gpa: int, size: int) -> MemoryRegion
     return None
 
 
-def _first_region(memory: GuestMemory | None) -> tuple[int, int, memoryview | None]:
+_EMPTY = memoryview(b"")
+_NO_REGION: tuple[int, int, memoryview] = (0, 0, _EMPTY)
+
+
+def _first_region(memory: GuestMemory | None) -> tuple[int, int, memoryview]:
+    """(gpa, size, view) of the first region: where a lookup starts."""
     if memory is not None:
         for region in memory:
             return region.spec.gpa, region.spec.size, region.view
-    return 0, 0, None
+    return _NO_REGION
+
+
+def complete(used: memoryview, used_idx: int, size: int, heads: list[int],
+             written: int) -> int:
+    """Write used entries (head, written) for ``heads`` in order from ``used_idx``
+    (in one copy, or two where the ring wraps); the new used index."""
+    n = len(heads)
+    if not n:
+        return used_idx
+    entries = array("I", (written, written)) * n
+    entries[0::2] = array("I", heads)
+    start = used_idx & (size - 1)
+    first = min(n, size - start)
+    used[1 + 2 * start:1 + 2 * (start + first)] = entries[:2 * first]
+    if first < n:
+        used[1:1 + 2 * (n - first)] = entries[2 * first:]
+    return (used_idx + n) & 0xFFFF
 
 
 class Backpressure(Exception):
@@ -149,6 +173,8 @@ class TxRing:
         self.max_packet = HEADER_SIZE + 1514
         self.max_gso_packet = 0
         self._scratch = bytearray(MAX_PACKET)
+        #: the memory region of the last buffer (gpa, size, view), during a burst
+        self._region: tuple[int, int, memoryview] = _NO_REGION
 
     def drain(self, send: Callable[[memoryview, int], None],
               capture: Callable[[memoryview], None] | None = None) -> int:
@@ -165,75 +191,113 @@ class TxRing:
         if views is None:
             return 0
         avail, desc, used = views
-        size = queue.size
-        mask = size - 1
-        last = queue.last_avail_idx
-        uidx = queue.used_idx
-        count = queue.available()
-        r_gpa, r_size, r_view = _first_region(queue.memory)
-        max_packet = self.max_packet
-        max_gso = self.max_gso_packet
-        pair = self.pair
-        min_packet = HEADER_SIZE + 14
-        sent = sent_bytes = oversize = runts = gso = 0
+        mask = queue.size - 1
+        before = self.stats.tx_packets
+        self._region = _first_region(queue.memory)
         try:
-            while count:
-                count -= 1
-                head = avail[2 + (last & mask)]
-                packet: memoryview | None = None
-                if head < size and r_view is not None:
+            while count := queue.available():
+                # The heads up to the end of the ring, read in one go.
+                start = queue.last_avail_idx & mask
+                heads = avail[2 + start:2 + min(start + count, mask + 1)].tolist()
+                done = self._burst(heads, desc, used, send, capture)
+                if done < 0:
+                    break  # backpressure
+                if done < len(heads) and not self._one(send, capture):
+                    break
+        finally:
+            self._region = _NO_REGION
+        return self.stats.tx_packets - before
+
+    def _burst(self, heads: list[int], desc: memoryview, used: memoryview,
+               send: Callable[[memoryview, int], None],
+               capture: Callable[[memoryview], None] | None) -> int:
+        """Send the leading ``heads`` that are one readable descriptor each and
+        complete them; how many (-1 if the port pushed back before the end)."""
+        r_gpa, r_size, r_view = self._region
+        pair = self.pair
+        max_packet = self.max_packet
+        min_packet = MIN_PACKET
+        sent_bytes = dropped = 0
+        pushed_back = False
+        i = 0
+        try:
+            for i, head in enumerate(heads):  # noqa: B007 - ``i`` is used after the loop
+                try:
                     addr, length, flags, _ = _unpack_desc(desc, head << 4)
-                    offset = addr - r_gpa
-                    if not flags and offset >= 0 and offset + length <= r_size:
-                        packet = r_view[offset:offset + length]
-                    elif not flags and (region := find_region(queue.memory, addr, length)):
-                        r_gpa, r_size, r_view = region.spec.gpa, region.spec.size, region.view
-                        offset = addr - r_gpa
-                        packet = r_view[offset:offset + length]
-                if packet is not None:
-                    last = (last + 1) & 0xFFFF
-                else:
-                    # Anything but one readable descriptor: the framework's walk.
-                    queue.last_avail_idx, queue.used_idx = last, uidx
-                    chain = queue.pop()
-                    last, uidx = queue.last_avail_idx, queue.used_idx
-                    count = queue.available()
-                    if chain is None:
+                except struct.error:
+                    break  # a head past the table: the framework refuses it
+                if flags:
+                    break
+                offset = addr - r_gpa
+                if offset < 0 or offset + length > r_size:
+                    region = find_region(self.queue.memory, addr, length)
+                    if region is None:
                         break
-                    head = chain.head
-                    packet = self._gather(chain)
-                if packet is None:
-                    oversize += 1
-                else:
-                    n = len(packet)
-                    if n > max_packet and (n > max_gso or not packet[1]):
-                        oversize += 1
-                    elif n < min_packet:
-                        runts += 1
-                    else:
-                        if n > max_packet:
-                            gso += 1
-                        send(packet, pair)
-                        if capture is not None:
-                            capture(packet[HEADER_SIZE:])
-                        sent += 1
-                        sent_bytes += n
-                slot = 1 + ((uidx & mask) << 1)
-                used[slot] = head
-                used[slot + 1] = 0
-                uidx = (uidx + 1) & 0xFFFF
+                    r_gpa, r_size, r_view = self._region = (region.spec.gpa, region.spec.size,
+                                                            region.view)
+                    offset = addr - r_gpa
+                packet = r_view[offset:offset + length]
+                if (length > max_packet or length < min_packet) and not self._admit(packet):
+                    dropped += 1
+                    continue
+                send(packet, pair)
+                if capture is not None:
+                    capture(packet[HEADER_SIZE:])
+                sent_bytes += length
+            else:
+                i = len(heads)
         except Backpressure:
-            # The port cannot take this packet now: it stays in the ring.
-            last = (last - 1) & 0xFFFF
-        queue.last_avail_idx = last
-        queue.used_idx = uidx
+            pushed_back = True
+        self._complete(used, heads[:i])
+        sent = i - dropped
         stats = self.stats
         stats.tx_packets += sent
         stats.tx_bytes += sent_bytes - sent * HEADER_SIZE
-        stats.tx_oversize += oversize
-        stats.tx_errors += runts
-        stats.tx_gso += gso
-        return sent
+        return -1 if pushed_back else i
+
+    def _complete(self, used: memoryview, heads: list[int]) -> None:
+        queue = self.queue
+        queue.used_idx = complete(used, queue.used_idx, queue.size, heads, 0)
+        queue.last_avail_idx = (queue.last_avail_idx + len(heads)) & 0xFFFF
+
+    def _admit(self, packet: memoryview) -> bool:
+        """A packet longer than the MTU or shorter than an Ethernet header: send
+        it (a GSO packet the driver may send) or count and drop it."""
+        n = len(packet)
+        stats = self.stats
+        if n < MIN_PACKET:
+            stats.tx_errors += 1
+            return False
+        if n > self.max_gso_packet or not packet[1]:
+            stats.tx_oversize += 1
+            return False
+        stats.tx_gso += 1
+        return True
+
+    def _one(self, send: Callable[[memoryview, int], None],
+             capture: Callable[[memoryview], None] | None) -> bool:
+        """The next chain, whatever its layout, through the framework's walk
+        (which refuses a malformed one); False when there is none or the port
+        pushed back."""
+        queue = self.queue
+        chain = queue.pop()
+        if chain is None:
+            return False
+        packet = self._gather(chain)
+        if packet is None:
+            self.stats.tx_oversize += 1
+        elif MIN_PACKET <= len(packet) <= self.max_packet or self._admit(packet):
+            try:
+                send(packet, self.pair)
+            except Backpressure:
+                queue.last_avail_idx = (queue.last_avail_idx - 1) & 0xFFFF
+                return False
+            if capture is not None:
+                capture(packet[HEADER_SIZE:])
+            self.stats.tx_packets += 1
+            self.stats.tx_bytes += len(packet) - HEADER_SIZE
+        queue.push(chain, 0)
+        return True
 
     def _gather(self, chain: Chain) -> memoryview | None:
         """The chain's readable bytes as one view (copied when there are several);
@@ -281,10 +345,8 @@ class RxRing:
         #: chains from the framework's walk that no frame has used yet
         self.stash: list[Chain] = []
         self.is_open = False
-        self._avail: memoryview | None = None
-        self._desc: memoryview | None = None
-        self._used: memoryview | None = None
-        self._r_view: memoryview | None = None
+        # The rings and the cached region during a burst; empty between bursts.
+        self._avail = self._desc = self._used = self._r_view = _EMPTY
         self._r_gpa = 0
         self._r_size = 0
         self._last = 0
@@ -320,13 +382,13 @@ class RxRing:
             return
         self.is_open = False
         self._sync_out()
-        self._avail = self._desc = self._used = self._r_view = None
+        self._avail = self._desc = self._used = self._r_view = _EMPTY
         self.queue.flush()
 
     def reset(self) -> None:
         """The driver reset the device (or went away): forget held chains."""
         self.is_open = False
-        self._avail = self._desc = self._used = self._r_view = None
+        self._avail = self._desc = self._used = self._r_view = _EMPTY
         self.stash.clear()
 
     def room(self) -> bool:
@@ -351,7 +413,6 @@ class RxRing:
 
     def _push(self, head: int, written: int) -> None:
         used = self._used
-        assert used is not None
         slot = 1 + ((self._uidx & self._mask) << 1)
         used[slot] = head
         used[slot + 1] = written
@@ -360,9 +421,7 @@ class RxRing:
     def _peek(self, ahead: int) -> tuple[int, memoryview] | None:
         """The ``ahead``-th available chain as (head, its buffer) if it is one
         device-writable descriptor in guest memory; else None."""
-        avail = self._avail
-        assert avail is not None and self._desc is not None
-        head = avail[2 + ((self._last + ahead) & self._mask)]
+        head = self._avail[2 + ((self._last + ahead) & self._mask)]
         if head >= self._size:
             return None
         addr, length, flags, _ = _unpack_desc(self._desc, head << 4)
@@ -376,7 +435,6 @@ class RxRing:
             self._r_gpa, self._r_size, self._r_view = (region.spec.gpa, region.spec.size,
                                                        region.view)
             offset = addr - self._r_gpa
-        assert self._r_view is not None
         return head, self._r_view[offset:offset + length]
 
     # -- frames from inside the process ------------------------------------
@@ -392,33 +450,34 @@ class RxRing:
         n = len(packet)
         if self._count and not self.stash:
             # The common case, inline: one writable descriptor in the cached region.
-            avail = self._avail
-            assert avail is not None and self._desc is not None and self._r_view is not None
-            head = avail[2 + (self._last & self._mask)]
-            if head < self._size:
+            mask = self._mask
+            last = self._last
+            try:
+                head = self._avail[2 + (last & mask)]
                 addr, length, flags, _ = _unpack_desc(self._desc, head << 4)
-                offset = addr - self._r_gpa
-                if (n <= length and flags == VIRTQ_DESC_F_WRITE and offset >= 0
-                        and offset + length <= self._r_size):
-                    view = self._r_view
-                    view[offset:offset + n] = packet
-                    view[offset + NUM_BUFFERS_OFFSET] = 1
-                    view[offset + NUM_BUFFERS_OFFSET + 1] = 0
-                    used = self._used
-                    assert used is not None
-                    uidx = self._uidx
-                    slot = 1 + ((uidx & self._mask) << 1)
-                    used[slot] = head
-                    used[slot + 1] = n
-                    self._uidx = (uidx + 1) & 0xFFFF
-                    self._last = (self._last + 1) & 0xFFFF
-                    self._count -= 1
-                    stats = self.stats
-                    stats.rx_packets += 1
-                    stats.rx_bytes += n - HEADER_SIZE
-                    if self.capture is not None:
-                        self.capture(memoryview(packet)[HEADER_SIZE:])
-                    return RxStatus.OK
+            except struct.error:
+                length = flags = addr = head = 0  # a head past the table: the general path
+            offset = addr - self._r_gpa
+            if (n <= length and flags == VIRTQ_DESC_F_WRITE and offset >= 0
+                    and offset + length <= self._r_size):
+                view = self._r_view
+                view[offset:offset + n] = packet
+                view[offset + NUM_BUFFERS_OFFSET] = 1
+                view[offset + NUM_BUFFERS_OFFSET + 1] = 0
+                uidx = self._uidx
+                slot = 1 + ((uidx & mask) << 1)
+                used = self._used
+                used[slot] = head
+                used[slot + 1] = n
+                self._uidx = (uidx + 1) & 0xFFFF
+                self._last = (last + 1) & 0xFFFF
+                self._count -= 1
+                stats = self.stats
+                stats.rx_packets += 1
+                stats.rx_bytes += n - HEADER_SIZE
+                if self.capture is not None:
+                    self.capture(memoryview(packet)[HEADER_SIZE:])
+                return RxStatus.OK
         status = self._put_chains(packet) if self.stash else self._put_spread(packet)
         stats = self.stats
         if status == RxStatus.OK:
@@ -504,6 +563,52 @@ class RxRing:
             self._push(chain.head, take)
         chains[0].write(_num_buffers.pack(len(chains)), NUM_BUFFERS_OFFSET)
         return RxStatus.OK
+
+    def fill(self, packet: bytes) -> int:
+        """Copy ``packet`` into every buffer the driver offers now (a traffic
+        source); how many. Its header is written as it is, so its
+        ``num_buffers`` must read 1. Counted like ``put``."""
+        if not self.is_open and not self.open():
+            return 0
+        n = len(packet)
+        copied = 0  # by the loop below; ``put`` counts its own
+        put = 0
+        while self.room():
+            heads: list[int] = []
+            if not self.stash:
+                desc, used = self._desc, self._used
+                start = self._last & self._mask
+                heads = self._avail[2 + start:2 + min(start + self._count, self._size)].tolist()
+                r_gpa, r_size, view = self._r_gpa, self._r_size, self._r_view
+                i = 0
+                for i, head in enumerate(heads):  # noqa: B007 - ``i`` is used after the loop
+                    try:
+                        addr, length, flags, _ = _unpack_desc(desc, head << 4)
+                    except struct.error:
+                        break
+                    offset = addr - r_gpa
+                    if flags != VIRTQ_DESC_F_WRITE or length < n or offset < 0 \
+                            or offset + length > r_size:
+                        break
+                    view[offset:offset + n] = packet
+                else:
+                    i = len(heads)
+                self._uidx = complete(used, self._uidx, self._size, heads[:i], n)
+                self._last = (self._last + i) & 0xFFFF
+                self._count -= i
+                copied += i
+                if i == len(heads):
+                    continue
+            # A buffer that is not one descriptor in the cached region.
+            if self.put(packet) != RxStatus.OK:
+                break
+            put += 1
+        self.stats.rx_packets += copied
+        self.stats.rx_bytes += copied * (n - HEADER_SIZE)
+        if self.capture is not None:
+            for _ in range(copied):
+                self.capture(memoryview(packet)[HEADER_SIZE:])
+        return copied + put
 
     # -- frames from a tap -------------------------------------------------
 

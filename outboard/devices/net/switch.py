@@ -14,10 +14,15 @@ next frame.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ...backend import bit
 from .port import Port
 from .wire import NetFeature
+
+if TYPE_CHECKING:
+    from .device import NetDevice
 
 __all__ = ["Switch", "SwitchPort"]
 
@@ -38,6 +43,8 @@ class Switch:
     def port(self) -> SwitchPort:
         port = SwitchPort(self, len(self.ports))
         self.ports.append(port)
+        for each in self.ports:
+            each.others = None
         return port
 
     def forget(self, port: SwitchPort) -> None:
@@ -47,6 +54,13 @@ class Switch:
 
     def __repr__(self) -> str:
         return f"Switch({self.name!r}, {len(self.ports)} ports, {len(self.table)} addresses)"
+
+
+Deliver = Callable[[memoryview, int], None]
+
+
+def _drop(packet: memoryview, pair: int) -> None:
+    """The receiving end of a port no device is attached to yet."""
 
 
 class SwitchPort(Port):
@@ -60,24 +74,35 @@ class SwitchPort(Port):
         super().__init__()
         self.switch = switch
         self.number = number
+        self.table = switch.table
+        #: hands a packet to this port's device (``NetDevice.deliver``)
+        self.deliver: Deliver = _drop
+        #: the ``deliver`` of every other port, for flooding (rebuilt when ports come)
+        self.others: list[Deliver] | None = None
+
+    def attach(self, device: NetDevice) -> None:
+        super().attach(device)
+        self.deliver = device.deliver
+        for each in self.switch.ports:
+            each.others = None
 
     def send(self, packet: memoryview, pair: int) -> None:
-        switch = self.switch
         dst, src = _macs(packet, 12)
-        table = switch.table
-        if not src[0] & 1 and table.get(src) is not self:
-            table[src] = self
+        table = self.table
+        table[src] = self  # learn (a multicast source is never looked up)
         if not dst[0] & 1:
             out = table.get(dst)
             if out is not None:
                 if out is not self:
-                    switch.forwarded += 1
-                    out.device.deliver(packet, pair)
+                    self.switch.forwarded += 1
+                    out.deliver(packet, pair)
                 return
-        switch.flooded += 1
-        for port in switch.ports:
-            if port is not self:
-                port.device.deliver(packet, pair)
+        self.switch.flooded += 1
+        others = self.others
+        if others is None:
+            others = self.others = [p.deliver for p in self.switch.ports if p is not self]
+        for deliver in others:
+            deliver(packet, pair)
 
     def end_batch(self) -> None:
         for port in self.switch.ports:

@@ -56,6 +56,10 @@ class VhostUserBackend:
         self.owner = False
         self.protocol_features_acked = False
         self._addrs: dict[int, _VringAddr] = {}
+        #: rings whose state came from SET_VRING_ENABLE
+        self._explicit_enable: set[int] = set()
+        #: ADD_MEM_REG of a region already mapped (QEMU sends one per queue pair)
+        self._region_refs: dict[RegionSpec, int] = {}
         self._handlers = {
             FrontendReq.GET_FEATURES: self._get_features,
             FrontendReq.SET_FEATURES: self._set_features,
@@ -136,8 +140,10 @@ class VhostUserBackend:
         # "Ring states": with protocol features a ring starts disabled until
         # SET_VRING_ENABLE, without them enabled. Running rings keep their state
         # (the front-end re-sends features to toggle dirty logging).
-        for runner in self.runtime.runners:
-            if not runner.running:
+        # A ring the front-end already enabled or disabled keeps that state:
+        # QEMU enables a net device's rings before SET_FEATURES.
+        for index, runner in enumerate(self.runtime.runners):
+            if not runner.running and index not in self._explicit_enable:
                 runner.enabled = not self.protocol_features_acked
 
     def _get_protocol_features(self, req: Request) -> bytes:
@@ -170,6 +176,7 @@ class VhostUserBackend:
                 region.release()
             raise
         old, self.memory = self.memory, memory
+        self._region_refs = {r.spec: 1 for r in memory}
         self._remap_queues()
         old.clear()
         log.info("memory table: %s", ", ".join(
@@ -178,6 +185,12 @@ class VhostUserBackend:
     def _add_mem_reg(self, req: Request) -> None:
         fd = req.take_fd()
         assert fd is not None
+        spec = _spec(req.regions[0])
+        if spec in self._region_refs:
+            # The same region again: counted, not mapped twice.
+            fd.close()
+            self._region_refs[spec] += 1
+            return
         if len(self.memory) >= MAX_MEM_SLOTS:
             fd.close()
             raise DeviceError(f"all {MAX_MEM_SLOTS} memory slots are in use")
@@ -187,11 +200,18 @@ class VhostUserBackend:
         except GuestMemoryError:
             region.release()
             raise
+        self._region_refs[spec] = 1
         self._remap_queues()
 
     def _rem_mem_reg(self, req: Request) -> None:
         spec = _spec(req.regions[0])
+        known = {(r.gpa, r.size, r.uva): r.spec for r in self.memory}
+        full = known.get((spec.gpa, spec.size, spec.uva))
+        if full is not None and self._region_refs.get(full, 1) > 1:
+            self._region_refs[full] -= 1
+            return
         region = self.memory.remove(spec.gpa, spec.size, spec.uva)
+        self._region_refs.pop(region.spec, None)
         self._remap_queues()
         region.release()
 
@@ -311,6 +331,7 @@ class VhostUserBackend:
             raise DeviceError(f"enable value {state.num}")
         runner = self.runtime.runners[index]
         runner.enabled = bool(state.num)
+        self._explicit_enable.add(index)
         if runner.enabled:
             self.runtime.kick(index)
 
@@ -355,6 +376,7 @@ class VhostUserBackend:
         """Stop and forget every queue; the device back to its initial state."""
         self.runtime.close()
         self._addrs.clear()
+        self._explicit_enable.clear()
         self.state.reset()
         for runner in self.runtime.runners:
             runner.enabled = not self.protocol_features_acked
