@@ -9,10 +9,9 @@ its DMA windows are unmapped, its eventfds closed and the device reset.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import socket
-import stat
 from collections.abc import Callable, Sequence
 
 import trio
@@ -23,6 +22,7 @@ from ...backend.fd import OwnedFd
 from ...backend.pci.virtio_pci import VirtioPciFunction
 from ...backend.runtime import Runtime
 from ..fdstream import FdStream
+from ..listen import accept_loop, listen_on_path
 from .connection import NEED_DATA, MessageError, Reply, Request, ServerConnection
 from .dma import DmaTable
 from .handler import VfioUserHandler
@@ -255,27 +255,8 @@ async def serve_listener(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept clients on ``listener``, one after another."""
-    task_status.started()
-    served = 0
-    while max_connections is None or served < max_connections:
-        sock, _ = await listener.accept()
-        served += 1
-        log.info("client connected")
-        await serve_connection(device, FdStream(sock))
-
-
-async def _bind(path: str) -> trio.socket.SocketType:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # a stale socket from an earlier run
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-        sock.listen(1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    await accept_loop(listener, functools.partial(serve_connection, device), peer="client",
+                      max_connections=max_connections, task_status=task_status)
 
 
 async def serve_path(
@@ -287,14 +268,6 @@ async def serve_path(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on the unix socket ``path`` (QEMU's vfio-user-pci connects to it)."""
-    listener = await _bind(path)
-    try:
-        log.info("listening on %s (vfio-user)", path)
-        if on_ready is not None:
-            on_ready(path)
-        await serve_listener(device, listener, max_connections=max_connections,
-                             task_status=task_status)
-    finally:
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    await listen_on_path(path, functools.partial(serve_connection, device), peer="client",
+                         label=" (vfio-user)", max_connections=max_connections, on_ready=on_ready,
+                         task_status=task_status)

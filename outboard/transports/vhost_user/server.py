@@ -7,12 +7,9 @@ reconnects.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import functools
 import logging
-import os
-import socket
-import stat
 from collections.abc import Callable
 
 import trio
@@ -21,6 +18,7 @@ from ...backend.device import DeviceState, VirtioDevice
 from ...backend.errors import RemoteProtocolError
 from ...backend.runtime import Runtime
 from ..fdstream import FdStream
+from ..listen import accept_loop, listen_on_path
 from .backend import VhostUserBackend
 from .connection import NEED_DATA, BackendConnection, Request
 from .wire import SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature
@@ -100,27 +98,8 @@ async def serve_listener(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept front-ends on ``listener``, one after another."""
-    task_status.started()
-    served = 0
-    while max_connections is None or served < max_connections:
-        sock, _ = await listener.accept()
-        served += 1
-        log.info("front-end connected")
-        await serve_connection(device, FdStream(sock))
-
-
-async def _bind(path: str) -> trio.socket.SocketType:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # a stale socket from an earlier run
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-        sock.listen(1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    await accept_loop(listener, functools.partial(serve_connection, device), peer="front-end",
+                      max_connections=max_connections, task_status=task_status)
 
 
 async def serve_path(
@@ -132,17 +111,9 @@ async def serve_path(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on the unix socket ``path`` (QEMU connects to it)."""
-    listener = await _bind(path)
-    try:
-        log.info("listening on %s", path)
-        if on_ready is not None:
-            on_ready(path)
-        await serve_listener(device, listener, max_connections=max_connections,
-                             task_status=task_status)
-    finally:
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    await listen_on_path(path, functools.partial(serve_connection, device), peer="front-end",
+                         label="", max_connections=max_connections, on_ready=on_ready,
+                         task_status=task_status)
 
 
 async def serve_connect(
