@@ -566,11 +566,11 @@ def test_unimplemented_command_is_refused_with_enotsup(command: Command,
     assert_connection_goes_on(conn)
 
 
-@pytest.mark.parametrize(("command", "rule"), client_rows())
+@pytest.mark.parametrize(("command", "rule"), rows(
+    lambda rule: rule.direction is Direction.CLIENT_TO_SERVER and rule.implemented
+    and ctypes.sizeof(rule.payload) > 0))
 def test_short_payload_is_refused(command: Command, rule: CommandRule) -> None:
     fixed = ctypes.sizeof(rule.payload)
-    if fixed == 0:
-        pytest.skip("nothing to shorten")
     conn = connection_for(command)
     fds = fds_for(command)
     exc = refused(conn, message(command, PAYLOADS[command][:fixed - 1]), fds)
