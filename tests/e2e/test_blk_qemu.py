@@ -408,12 +408,13 @@ echo "done: ext4"
 """
 
 
-def make_files(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
-    """A tar of :data:`NUM_FILES` files of random sizes in :data:`NUM_DIRS` dirs."""
-    rng = random.Random(7)
+def make_files(tmp_path: Path, *, count: int = NUM_FILES, dirs: int = NUM_DIRS,
+               max_size: int = MAX_FILE_SIZE, seed: int = 7) -> tuple[Path, dict[str, bytes]]:
+    """A tar of ``count`` files of random sizes in ``dirs`` dirs, and the files."""
+    rng = random.Random(seed)
     files = {
-        f"d{i % NUM_DIRS}/f{i}": rng.randbytes(rng.randint(1, MAX_FILE_SIZE))
-        for i in range(NUM_FILES)
+        f"d{i % dirs}/f{i}": rng.randbytes(rng.randint(1, max_size))
+        for i in range(count)
     }
     path = tmp_path / "files.tar"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:

@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -45,6 +42,8 @@ from outboard.testing.guest import (
     GuestResult,
     GuestUnavailable,
 )
+
+from .test_blk_qemu import make_files as make_tar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -221,18 +220,8 @@ def md5(data: bytes) -> str:
 
 def make_files(tmp_path: Path) -> tuple[Path, str]:
     """A tar of :data:`NUM_FILES` files of random sizes, and their ``md5sum`` list."""
-    rng = random.Random(11)
-    files = {
-        f"d{i % NUM_DIRS}/f{i}": rng.randbytes(rng.randint(1, MAX_FILE_SIZE))
-        for i in range(NUM_FILES)
-    }
-    path = tmp_path / "files.tar"
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
+    path, files = make_tar(tmp_path, count=NUM_FILES, dirs=NUM_DIRS, max_size=MAX_FILE_SIZE,
+                           seed=11)
     return path, "".join(f"{md5(data)}  {name}\n" for name, data in files.items())
 
 
