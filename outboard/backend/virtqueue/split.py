@@ -108,6 +108,17 @@ class SplitQueue:
         return self.notifier is not None and self.enabled and not self.broken \
             and self._desc is not None
 
+    def ring_views(self) -> tuple[memoryview, memoryview, memoryview] | None:
+        """(available ring as u16, descriptor table, used ring) while the rings are set.
+
+        For a device with a hot path of its own (net's bursts): it reads
+        descriptors and writes used entries itself, then sets ``last_avail_idx``
+        and ``used_idx`` and calls ``flush``. Use the views for one batch only.
+        """
+        if self._avail_h is None or self._desc is None or self._used is None:
+            return None
+        return self._avail_h, self._desc, self._used
+
     def flush(self) -> None:
         """Publish pushed entries and interrupt if the driver wants it.
 

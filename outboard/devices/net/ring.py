@@ -86,18 +86,13 @@ class NetStats:
 
 def ring_views(queue: SplitQueue) -> tuple[memoryview, memoryview, memoryview] | None:
     """The available ring (as u16), descriptor table and used ring (as u32) of a
-    queue with rings, or None.
-
-    ``SplitQueue`` keeps its ring views private and offers no way to complete
-    a chain without a ``Chain`` object; this is the one place that reaches in.
-    The views are used for one burst and dropped, so a replaced memory table
-    is never held on to.
+    queue with rings, or None. The views are used for one burst and dropped, so
+    a replaced memory table is never held on to.
     """
-    avail = queue._avail_h
-    desc = queue._desc
-    used = queue._used
-    if avail is None or desc is None or used is None:
+    views = queue.ring_views()
+    if views is None:
         return None
+    avail, desc, used = views
     return avail, desc, used[:4 + 8 * queue.size].cast("I")
 
 
