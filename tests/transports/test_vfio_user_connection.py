@@ -832,3 +832,16 @@ def test_forget_drops_a_waiting_command() -> None:
     msg_id, _ = conn.command(Command.DMA_READ, bytes(DmaAccess(0, 1)))
     conn.forget(msg_id)
     refused(conn, message(Command.DMA_READ, msg_id=msg_id, flags=REPLY))
+
+
+@pytest.mark.parametrize("size", [4, 1 << 30])  # smaller than the header; over the limit
+def test_fds_of_a_message_refused_from_its_header_are_closed(size: int) -> None:
+    conn = negotiated()
+    fd = OwnedFd(os.eventfd(0))
+    conn.receive(struct.pack("=HHIII", 1, Command.DEVICE_RESET, size, 0, 0), [fd])
+    with pytest.raises(MessageError):
+        conn.next_event()
+    assert fd.closed
+    late = OwnedFd(os.eventfd(0))
+    conn.receive(b"x", [late])  # after the failure: closed at once
+    assert late.closed

@@ -20,10 +20,11 @@ import logging
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from ...backend.errors import DeviceError, RemoteProtocolError
 from ...backend.fd import OwnedFd, close_all
+from ..framing import FdBuffer
 from .wire import (
     COMMANDS,
     DEFAULT_MAX_DATA_XFER_SIZE,
@@ -185,9 +186,7 @@ class ServerConnection:
         #: the negotiated (major, minor), once VERSION has been answered
         self.version: tuple[int, int] | None = None
         self.client = ClientCapabilities()
-        self._buffer = bytearray()
-        self._offset = 0  # stream offset of _buffer[0]
-        self._fds: list[tuple[int, list[OwnedFd]]] = []
+        self._in = FdBuffer()
         self._broken = False
         self._pending: dict[int, Command] = {}
         self._next_id = 0
@@ -197,24 +196,25 @@ class ServerConnection:
     def receive(self, data: bytes, fds: Iterable[OwnedFd] = ()) -> None:
         """Take ``data`` and ownership of ``fds`` (they came with ``data``)."""
         fds = list(fds)
-        if fds:
-            if not data:
-                close_all(fds)
-                raise MessageError("fds arrived without data", fatal=True)
-            self._fds.append((self._offset + len(self._buffer), fds))
-        self._buffer += data
+        if self._broken:
+            close_all(fds)
+            return
+        if fds and not data:
+            close_all(fds)
+            raise MessageError("fds arrived without data", fatal=True)
+        self._in.feed(data, fds)
 
     def bytes_needed(self) -> int:
         """How many more bytes complete the current message (at least 1)."""
-        have = len(self._buffer)
+        have = len(self._in.data)
         if have < HEADER_SIZE:
             return HEADER_SIZE - have
-        size: int = _header.unpack_from(self._buffer)[2]
+        size: int = _header.unpack_from(self._in.data)[2]
         return max(1, min(max(size, HEADER_SIZE), MAX_MESSAGE_SIZE + 1) - have)
 
     def has_pending(self) -> bool:
         """Is part of a message, or an fd, still waiting?"""
-        return bool(self._buffer or self._fds)
+        return self._in.pending
 
     @property
     def pending_commands(self) -> dict[int, Command]:
@@ -226,19 +226,18 @@ class ServerConnection:
     def next_event(self) -> Request | Reply | NeedData:
         if self._broken:
             raise MessageError("connection already failed", fatal=True)
-        if len(self._buffer) < HEADER_SIZE:
+        buffer = self._in.data
+        if len(buffer) < HEADER_SIZE:
             return NEED_DATA
-        msg_id, code, size, flags, error = _header.unpack_from(self._buffer)
+        msg_id, code, size, flags, error = _header.unpack_from(buffer)
         if size < HEADER_SIZE:
             self._fail(f"message size {size} is smaller than the header")
         if size > MAX_MESSAGE_SIZE:
             self._fail(f"message size {size} (limit {MAX_MESSAGE_SIZE})")
-        if len(self._buffer) < size:
+        if len(buffer) < size:
             return NEED_DATA
-        payload = bytes(self._buffer[HEADER_SIZE:size])
-        fds = self._take_fds(self._offset + size)
-        del self._buffer[:size]
-        self._offset += size
+        message, fds = self._in.take(size)
+        payload = message[HEADER_SIZE:]
         kind = flags & HeaderFlags.TYPE_MASK
         if kind == MessageType.REPLY:
             return self._reply_event(msg_id, code, flags, error, payload, fds)
@@ -258,14 +257,9 @@ class ServerConnection:
             raise
         return req
 
-    def _take_fds(self, end: int) -> list[OwnedFd]:
-        mine: list[OwnedFd] = []
-        while self._fds and self._fds[0][0] < end:
-            mine.extend(self._fds.pop(0)[1])
-        return mine
-
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> NoReturn:
         self._broken = True
+        self.close()  # the fds of the refused message and anything buffered after it
         raise MessageError(message, fatal=True)
 
     def _refusal(self, msg_id: int, code: int, flags: int, errno: int, message: str,
@@ -392,10 +386,7 @@ class ServerConnection:
 
     def close(self) -> None:
         """Close every fd still buffered."""
-        for _, fds in self._fds:
-            close_all(fds)
-        self._fds.clear()
-        self._buffer.clear()
+        self._in.close()
 
 
 # -- rules of single commands ------------------------------------------------------

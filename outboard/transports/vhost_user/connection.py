@@ -16,6 +16,7 @@ from typing import Final, NoReturn
 
 from ...backend.errors import RemoteProtocolError
 from ...backend.fd import OwnedFd, close_all
+from ..framing import FdBuffer
 from .wire import (
     HEADER_SIZE,
     MAX_CONFIG_SIZE,
@@ -122,10 +123,7 @@ class BackendConnection:
     def __init__(self, protocol_features: int = SUPPORTED_PROTOCOL_FEATURES) -> None:
         self.offered_protocol_features = protocol_features
         self.protocol_features = 0
-        self._buffer = bytearray()
-        self._offset = 0  # stream offset of _buffer[0]
-        # (stream offset of the chunk the fds came with, fds)
-        self._fds: list[tuple[int, list[OwnedFd]]] = []
+        self._in = FdBuffer()
         self._broken = False
 
     # -- feeding -----------------------------------------------------------
@@ -136,33 +134,32 @@ class BackendConnection:
         if self._broken:
             close_all(fds)
             return
-        if fds:
-            if not data:
-                close_all(fds)
-                self._fail("fds arrived without data")
-            self._fds.append((self._offset + len(self._buffer), fds))
-        self._buffer += data
+        if fds and not data:
+            close_all(fds)
+            self._fail("fds arrived without data")
+        self._in.feed(data, fds)
 
     def bytes_needed(self) -> int:
         """How many more bytes complete the current message (at least 1)."""
-        have = len(self._buffer)
+        have = len(self._in.data)
         if have < HEADER_SIZE:
             return HEADER_SIZE - have
-        size: int = _header.unpack_from(self._buffer)[2]
+        size: int = _header.unpack_from(self._in.data)[2]
         return max(1, HEADER_SIZE + min(size, MAX_PAYLOAD + 1) - have)
 
     def has_pending(self) -> bool:
         """Is part of a message, or an fd, still waiting?"""
-        return bool(self._buffer or self._fds)
+        return self._in.pending
 
     # -- events ------------------------------------------------------------
 
     def next_event(self) -> Request | NeedData:
         if self._broken:
             raise RemoteProtocolError("connection already failed")
-        if len(self._buffer) < HEADER_SIZE:
+        buffer = self._in.data
+        if len(buffer) < HEADER_SIZE:
             return NEED_DATA
-        code, flags, size = _header.unpack_from(self._buffer)
+        code, flags, size = _header.unpack_from(buffer)
         if flags & Flags.VERSION_MASK != VHOST_USER_VERSION:
             self._fail(f"bad protocol version {flags & Flags.VERSION_MASK} (flags {flags:#x})")
         if flags & Flags.REPLY:
@@ -170,12 +167,10 @@ class BackendConnection:
         if size > MAX_PAYLOAD:
             self._fail(f"payload of {size} bytes for request {code} (limit {MAX_PAYLOAD})")
         end = HEADER_SIZE + size
-        if len(self._buffer) < end:
+        if len(buffer) < end:
             return NEED_DATA
-        payload = bytes(self._buffer[HEADER_SIZE:end])
-        fds = self._take_fds(self._offset + end)
-        del self._buffer[:end]
-        self._offset += end
+        message, fds = self._in.take(end)
+        payload = message[HEADER_SIZE:]
         try:
             request = FrontendReq(code)
         except ValueError:
@@ -195,12 +190,6 @@ class BackendConnection:
         if request is FrontendReq.SET_PROTOCOL_FEATURES:
             self.protocol_features = req.u64
         return req
-
-    def _take_fds(self, end: int) -> list[OwnedFd]:
-        mine: list[OwnedFd] = []
-        while self._fds and self._fds[0][0] < end:
-            mine.extend(self._fds.pop(0)[1])
-        return mine
 
     def _fail(self, message: str) -> NoReturn:
         self._broken = True
@@ -292,10 +281,7 @@ class BackendConnection:
 
     def close(self) -> None:
         """Close every fd still buffered."""
-        for _, fds in self._fds:
-            close_all(fds)
-        self._fds.clear()
-        self._buffer.clear()
+        self._in.close()
 
 
 def pack_u64(value: int) -> bytes:
