@@ -143,6 +143,14 @@ class GuestMemory:
             self._last = self._regions[0]
         return self._last
 
+    def region_of(self, gpa: int, size: int) -> MemoryRegion | None:
+        """The region holding all of ``[gpa, gpa + size)``, or None; it becomes
+        ``last_region``."""
+        try:
+            return self._find(gpa, size)
+        except GuestMemoryError:
+            return None
+
     def _find(self, gpa: int, size: int) -> MemoryRegion:
         last = self._last
         if last is not None:
