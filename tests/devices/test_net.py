@@ -343,6 +343,30 @@ async def test_loopback_holds_frames_while_the_receive_ring_is_full(tmp_path: Pa
     assert nic.device.stats.rx_ring_full == 0
 
 
+async def test_loopback_burst_mixes_straight_and_general_receive_paths(tmp_path: Path) -> None:
+    """One transmit burst: frames into one-descriptor buffers (the straight
+    path), into a chain of two (the general path), one over the MTU (dropped on
+    transmit), and more than the buffers left (held until new buffers come)."""
+    async with one(tmp_path, Loopback(), mtu=1500) as nic:
+        nic.post(1)
+        nic.post_chain([HEADER_SIZE, 1000])
+        nic.post(1)
+        sizes = (60, 700, 2000, 1514, 100, 200)
+        packets = [header() + frame(MAC_A, MAC_B, size, seed=size) for size in sizes]
+        for packet in packets:  # no checkpoint in between: one burst
+            nic.send(packet)
+        got = await nic.receive(3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert nic.driver.queues[1].pending_used() == 4  # three sent, one dropped
+        nic.post(2)
+        got += await nic.receive(2)
+        await nic.sent(2)
+    expected = [p[HEADER_SIZE:] for p in packets if len(p) - HEADER_SIZE <= 1514]
+    assert [r.frame for r in got] == expected
+    stats = nic.device.stats
+    assert (stats.tx_oversize, stats.rx_ring_full, stats.rx_packets) == (1, 0, 5)
+
+
 async def test_loopback_holds_frames_until_the_receive_queue_runs(tmp_path: Path) -> None:
     async with one(tmp_path, Loopback()) as nic:
         await nic.driver.frontend.set_vring_enable(0, False)

@@ -189,8 +189,8 @@ class NetDevice(VirtioDevice):
         #: tasks of the current connection (``run``)
         self._nursery: trio.Nursery | None = None
         port.attach(self)
-        #: what takes each transmitted packet (``Port.sender``)
-        self._send = port.sender()
+        #: what takes each burst of transmitted packets
+        self._send = port.send_burst
 
     # -- the device API ----------------------------------------------------
 
@@ -362,6 +362,20 @@ class NetDevice(VirtioDevice):
                 return
             packet = checked
         ring.put(packet)
+
+    def deliver_burst(self, packets: list[memoryview], pair: int = 0) -> int:
+        """``deliver`` each of ``packets`` in order; how many were taken (fewer
+        than all only when a lossless port waits for receive buffers)."""
+        used = self._rx_used
+        ring = used[pair % len(used)] if used else None
+        if ring is not None and (ring.is_open or ring.open()):
+            return ring.put_burst(packets, self.deliver, pair)
+        for i, packet in enumerate(packets):
+            try:
+                self.deliver(packet, pair)
+            except Backpressure:
+                return i
+        return len(packets)
 
     def _check(self, ring: RxRing, packet: memoryview | bytes | bytearray,
                ) -> memoryview | bytes | bytearray | None:

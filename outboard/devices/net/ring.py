@@ -171,15 +171,17 @@ class TxRing:
         #: the memory region of the last buffer (gpa, size, view), during a burst
         self._region: tuple[int, int, memoryview] = _NO_REGION
 
-    def drain(self, send: Callable[[memoryview, int], None],
+    def drain(self, send: Callable[[list[memoryview], int], int],
               capture: Callable[[memoryview], None] | None = None) -> int:
-        """Hand every available packet to ``send(packet, pair)``; return how many.
+        """Hand every available packet to ``send(packets, pair)`` in bursts; return
+        how many were sent.
 
-        Oversized and runt packets are dropped and counted. Every chain is
-        completed with length 0 (the device writes nothing into a tx buffer);
-        the caller publishes (the runtime does, after ``process``). A port that
-        raises ``Backpressure`` stops the burst: that packet and the ones after
-        it stay in the ring.
+        ``send`` takes a list of packets and returns how many it took: fewer
+        than all means the port pushed back, and the packets it did not take
+        stay in the transmit ring (with the ones after them). Oversized and
+        runt packets are dropped and counted. Every chain is completed with
+        length 0 (the device writes nothing into a tx buffer); the caller
+        publishes (the runtime does, after ``process``).
         """
         queue = self.queue
         views = ring_views(queue)
@@ -204,50 +206,59 @@ class TxRing:
         return self.stats.tx_packets - before
 
     def _burst(self, heads: list[int], desc: memoryview, used: memoryview,
-               send: Callable[[memoryview, int], None],
+               send: Callable[[list[memoryview], int], int],
                capture: Callable[[memoryview], None] | None) -> int:
-        """Send the leading ``heads`` that are one readable descriptor each and
-        complete them; how many (-1 if the port pushed back before the end)."""
+        """Send the leading ``heads`` that are one readable descriptor each, in one
+        call, and complete them; how many (-1 if the port pushed back)."""
         r_gpa, r_size, r_view = self._region
-        pair = self.pair
         max_packet = self.max_packet
         min_packet = MIN_PACKET
-        sent_bytes = dropped = 0
-        pushed_back = False
+        packets: list[memoryview] = []
+        append = packets.append
+        #: for each packet, how many heads up to and including it
+        ends: list[int] = []
         i = 0
-        try:
-            for i, head in enumerate(heads):  # noqa: B007 - ``i`` is used after the loop
-                try:
-                    addr, length, flags, _ = _unpack_desc(desc, head << 4)
-                except struct.error:
-                    break  # a head past the table: the framework refuses it
-                if flags:
+        for i, head in enumerate(heads):
+            try:
+                addr, length, flags, _ = _unpack_desc(desc, head << 4)
+            except struct.error:
+                break  # a head past the table: the framework refuses it
+            if flags:
+                break
+            offset = addr - r_gpa
+            if offset < 0 or offset + length > r_size:
+                region = find_region(self.queue.memory, addr, length)
+                if region is None:
                     break
+                r_gpa, r_size, r_view = self._region = (region.spec.gpa, region.spec.size,
+                                                        region.view)
                 offset = addr - r_gpa
-                if offset < 0 or offset + length > r_size:
-                    region = find_region(self.queue.memory, addr, length)
-                    if region is None:
-                        break
-                    r_gpa, r_size, r_view = self._region = (region.spec.gpa, region.spec.size,
-                                                            region.view)
-                    offset = addr - r_gpa
-                packet = r_view[offset:offset + length]
-                if (length > max_packet or length < min_packet) and not self._admit(packet):
-                    dropped += 1
-                    continue
-                send(packet, pair)
-                if capture is not None:
-                    capture(packet[HEADER_SIZE:])
-                sent_bytes += length
-            else:
-                i = len(heads)
-        except Backpressure:
-            pushed_back = True
+            packet = r_view[offset:offset + length]
+            if (length > max_packet or length < min_packet) and not self._admit(packet):
+                continue
+            append(packet)
+            ends.append(i + 1)
+        else:
+            i = len(heads)
+        if capture is None:
+            taken = send(packets, self.pair) if packets else 0
+        else:
+            # Frame by frame, each recorded once it is taken.
+            taken = 0
+            for packet in packets:
+                if not send([packet], self.pair):
+                    break
+                capture(packet[HEADER_SIZE:])
+                taken += 1
+        pushed_back = taken < len(packets)
+        if pushed_back:
+            # The packet the port refused, and every head after it, stay.
+            i = ends[taken] - 1
+            del packets[taken:]
         self._complete(used, heads[:i])
-        sent = i - dropped
         stats = self.stats
-        stats.tx_packets += sent
-        stats.tx_bytes += sent_bytes - sent * HEADER_SIZE
+        stats.tx_packets += taken
+        stats.tx_bytes += sum(map(len, packets)) - taken * HEADER_SIZE
         return -1 if pushed_back else i
 
     def _complete(self, used: memoryview, heads: list[int]) -> None:
@@ -269,7 +280,7 @@ class TxRing:
         stats.tx_gso += 1
         return True
 
-    def _one(self, send: Callable[[memoryview, int], None],
+    def _one(self, send: Callable[[list[memoryview], int], int],
              capture: Callable[[memoryview], None] | None) -> bool:
         """The next chain, whatever its layout, through the framework's walk
         (which refuses a malformed one); False when there is none or the port
@@ -282,9 +293,7 @@ class TxRing:
         if packet is None:
             self.stats.tx_oversize += 1
         elif MIN_PACKET <= len(packet) <= self.max_packet or self._admit(packet):
-            try:
-                send(packet, self.pair)
-            except Backpressure:
+            if not send([packet], self.pair):
                 queue.last_avail_idx = (queue.last_avail_idx - 1) & 0xFFFF
                 return False
             if capture is not None:
@@ -487,6 +496,71 @@ class RxRing:
         elif status == RxStatus.TOO_SMALL:
             stats.rx_too_small += 1
         return status
+
+    def put_burst(self, packets: list[memoryview], slow: Callable[[memoryview, int], None],
+                  pair: int) -> int:
+        """Deliver ``packets`` in order; how many were taken (fewer than all only if
+        ``slow`` raised ``Backpressure``). The ring must be open.
+
+        The common case is inline: a frame within the MTU without a partial
+        checksum, into one writable descriptor in the cached region. Any other
+        packet goes to ``slow(packet, pair)`` (the device's ``deliver``, which
+        checks, filters and calls ``put``) with the ring state handed over.
+        """
+        stats = self.stats
+        # A filter, or chains held from the general path: every packet goes slowly.
+        inline = self.accept is None and not self.stash
+        count = self._count
+        avail, desc, used = self._avail, self._desc, self._used
+        r_gpa, r_size, r_view = self._r_gpa, self._r_size, self._r_view
+        mask = self._mask
+        size = self._size
+        last, uidx = self._last, self._uidx
+        max_packet = self.max_packet
+        min_packet = MIN_PACKET
+        capture = self.capture
+        unpack = _unpack_desc
+        delivered = nbytes = 0
+        i = 0
+        try:
+            for i, packet in enumerate(packets):  # noqa: B007 - ``i`` is used below
+                n = len(packet)
+                if inline and count and min_packet <= n <= max_packet and not packet[0]:
+                    head = avail[2 + (last & mask)]
+                    if head < size:
+                        addr, length, flags, _ = unpack(desc, head << 4)
+                        offset = addr - r_gpa
+                        if (n <= length and flags == VIRTQ_DESC_F_WRITE and offset >= 0
+                                and offset + length <= r_size):
+                            r_view[offset:offset + n] = packet
+                            r_view[offset + NUM_BUFFERS_OFFSET] = 1
+                            r_view[offset + NUM_BUFFERS_OFFSET + 1] = 0
+                            slot = 1 + ((uidx & mask) << 1)
+                            used[slot] = head
+                            used[slot + 1] = n
+                            uidx = (uidx + 1) & 0xFFFF
+                            last = (last + 1) & 0xFFFF
+                            count -= 1
+                            delivered += 1
+                            nbytes += n
+                            if capture is not None:
+                                capture(packet[HEADER_SIZE:])
+                            continue
+                self._last, self._uidx, self._count = last, uidx, count
+                slow(packet, pair)
+                last, uidx, count = self._last, self._uidx, self._count
+                inline = self.accept is None and not self.stash
+                r_gpa, r_size, r_view = self._r_gpa, self._r_size, self._r_view
+            else:
+                i = len(packets)
+        except Backpressure:
+            return i
+        finally:
+            if self.is_open:
+                self._last, self._uidx, self._count = last, uidx, count
+            stats.rx_packets += delivered
+            stats.rx_bytes += nbytes - delivered * HEADER_SIZE
+        return i
 
     def _put_spread(self, packet: memoryview | bytes | bytearray) -> int:
         """Buffers of one descriptor: as many as the frame needs (MRG_RXBUF)."""
