@@ -52,6 +52,11 @@ class VirtioDevice:
     features: int = 0
     #: framework feature bits this device offers (drop bits it cannot honour)
     framework_features: int = FRAMEWORK_FEATURES
+    #: serve each queue from a process of its own (vhost-user; see
+    #: ``backend.workers``). Only for a device whose ``process`` needs nothing
+    #: from the other queues or from tasks of its own, and that names the fds
+    #: its queues use in ``queue_fds``.
+    queue_processes: bool = False
 
     def __init__(self) -> None:
         self.driver_features = 0
@@ -97,6 +102,11 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release what the device holds (files, sockets); it will not run again."""
+
+    def queue_fds(self) -> Sequence[int]:
+        """The fds ``process`` uses (an image file, say): a queue process keeps
+        these and closes every other fd it inherited."""
+        return ()
 
     def has_feature(self, feature: int) -> bool:
         return bool(self.driver_features >> feature & 1)

@@ -103,6 +103,15 @@ class QueueRunner:
                 return False
         return True
 
+    def kick_now(self) -> None:
+        """Process the queue now (an in-band kick, a ring enabled)."""
+        if self.running:
+            self.drain()
+
+    def refresh(self) -> None:
+        """The memory table or the device's settings changed. The worker task
+        reads both afresh every time: nothing to do here."""
+
     def set_call(self, fd: OwnedFd | None) -> None:
         """Swap the call fd. Signals already written went to the old fd, which the
         front-end owns and checks itself when it unmasks; to be safe against a
@@ -173,10 +182,16 @@ class QueueRunner:
 class Runtime:
     """The queue runners of one device on one connection."""
 
-    def __init__(self, state: DeviceState, nursery: trio.Nursery) -> None:
+    def __init__(self, state: DeviceState, nursery: trio.Nursery, *,
+                 processes: bool = False) -> None:
         self.state = state
         self.nursery = nursery
-        self.runners = [QueueRunner(state, q) for q in state.queues]
+        if processes:
+            from .workers import ProcessQueueRunner
+            self.runners: list[QueueRunner] = [ProcessQueueRunner(state, q)
+                                               for q in state.queues]
+        else:
+            self.runners = [QueueRunner(state, q) for q in state.queues]
 
     def runner(self, index: int) -> QueueRunner:
         self.state.queue(index)  # raises a clear DeviceError for a bad index
@@ -187,9 +202,12 @@ class Runtime:
 
     def kick(self, index: int) -> None:
         """Process a queue now (in-band kicks, enabling a queue)."""
-        runner = self.runners[index]
-        if runner.running:
-            runner.drain()
+        self.runners[index].kick_now()
+
+    def refresh(self) -> None:
+        """The memory table or the device's settings changed (see ``QueueRunner.refresh``)."""
+        for runner in self.runners:
+            runner.refresh()
 
     def stop_all(self) -> None:
         for runner in self.runners:

@@ -209,6 +209,9 @@ class BlkDevice(VirtioDevice):
             os.close(self.fd)
             self.fd = -1
 
+    def queue_fds(self) -> Sequence[int]:
+        return (self.fd,)
+
     # -- requests ----------------------------------------------------------
 
     def process(self, queue: SplitQueue) -> None:
@@ -521,14 +524,22 @@ class BlkDevice(VirtioDevice):
                             help="open the image with O_DIRECT (bypass the host page cache)")
         parser.add_argument("--write-through", action="store_true",
                             help="start in write-through mode (the guest may switch)")
+        parser.add_argument("--queue-processes", action="store_true",
+                            help="serve each queue from a process of its own, so that "
+                                 "queues run on several cores (vhost-user)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BlkDevice:
         if not args.blk_file:
             raise ValueError("--blk-file is required")
-        return cls(args.blk_file, read_only=args.read_only, num_queues=args.num_queues,
-                   queue_size=args.queue_size, serial=args.serial, direct=args.direct,
-                   writeback=not args.write_through)
+        if args.queue_processes and args.transport != "vhost-user":
+            raise ValueError("--queue-processes is for vhost-user (vfio-user routes "
+                             "interrupts through the MSI-X table in one process)")
+        device = cls(args.blk_file, read_only=args.read_only, num_queues=args.num_queues,
+                     queue_size=args.queue_size, serial=args.serial, direct=args.direct,
+                     writeback=not args.write_through)
+        device.queue_processes = args.queue_processes
+        return device
 
     @classmethod
     def capabilities(cls) -> dict[str, object]:

@@ -162,6 +162,15 @@ class SplitQueue:
         self.used_idx = self._used_h[1]
         self._signalled_used = self.used_idx
 
+    def resume(self, last_avail_idx: int, used_idx: int) -> None:
+        """Take over positions another process left the ring in. Whether the
+        driver was interrupted for the last entries is not known: the next
+        publish interrupts if there is anything new (a spurious interrupt at
+        worst, never a lost one)."""
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = used_idx & 0xFFFF
+        self._signalled_valid = False
+
     def release(self) -> None:
         """Forget the rings (the memory table is going away, or the device resets)."""
         for view in (self._avail_h, self._used_h, self._desc, self._avail, self._used):

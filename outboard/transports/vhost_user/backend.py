@@ -145,6 +145,7 @@ class VhostUserBackend:
         for index, runner in enumerate(self.runtime.runners):
             if not runner.running and index not in self._explicit_enable:
                 runner.enabled = not self.protocol_features_acked
+        self.runtime.refresh()
 
     def _get_protocol_features(self, req: Request) -> bytes:
         return pack_u64(self.conn.offered_protocol_features)
@@ -229,6 +230,7 @@ class VhostUserBackend:
                 # The ring left guest memory; the queue stays down until readdressed.
                 self.runtime.runners[index].stop()
                 log.warning("queue %d: rings no longer mapped: %s", index, exc)
+        self.runtime.refresh()
 
     # -- vrings ------------------------------------------------------------
 
@@ -352,6 +354,7 @@ class VhostUserBackend:
     def _set_config(self, req: Request) -> None:
         head, data = req.config
         self.state.device.write_config(head.offset, data)
+        self.runtime.refresh()
 
     def _set_status(self, req: Request) -> None:
         value = req.u64
@@ -365,6 +368,7 @@ class VhostUserBackend:
             self.state.status = DeviceStatus(0)
             return
         self.state.set_status(value)
+        self.runtime.refresh()
 
     def _get_status(self, req: Request) -> bytes:
         return pack_u64(int(self.state.status))

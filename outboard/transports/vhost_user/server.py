@@ -46,7 +46,8 @@ async def serve_connection(device: VirtioDevice, stream: FdStream) -> None:
     conn = BackendConnection(protocol_features_for(device))
     try:
         async with trio.open_nursery() as nursery:
-            backend = VhostUserBackend(state, Runtime(state, nursery), conn)
+            runtime = Runtime(state, nursery, processes=device.queue_processes)
+            backend = VhostUserBackend(state, runtime, conn)
             nursery.start_soon(device.run, name=f"{type(device).__name__}.run")
             try:
                 await _request_loop(stream, conn, backend)
