@@ -104,7 +104,7 @@ class ProcessQueueRunner(QueueRunner):
                 os._exit(code)
         child.close()
         self._child = (pid, parent)
-        log.debug("queue %d: served by process %d", self.queue.index, pid)
+        log.info("queue %d: served by process %d", self.queue.index, pid)
 
     def stop(self) -> None:
         """Stop the child and take over the ring positions it reports."""

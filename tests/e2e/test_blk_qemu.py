@@ -296,12 +296,18 @@ echo "done: raw"
 """
 
 
+@pytest.mark.parametrize("processes", [False, True], ids=["in-process", "queue-processes"])
 def test_raw_io_over_two_queues_discard_flush_and_serial(
-    blk_guest: Guest, image: Path, short_tmp: Path
+    blk_guest: Guest, image: Path, short_tmp: Path, processes: bool
 ) -> None:
-    run = run_blk(blk_guest, image, short_tmp, RAW_SCRIPT, ["--serial", SERIAL])
+    options = ["--serial", SERIAL] + (["--queue-processes"] if processes else [])
+    run = run_blk(blk_guest, image, short_tmp, RAW_SCRIPT, options)
     check, field = run.check, run.field
     check(field("done") == "raw", "the guest script did not get to its end")
+    if processes:
+        served = set(re.findall(r"queue (\d+): served by process", run.stderr))
+        check(served == {str(i) for i in range(NUM_QUEUES)},
+              f"queues served by processes of their own: {sorted(served)}")
 
     # 6. the serial number and what the disk looks like
     check(field("serial") == SERIAL, f"serial is {field('serial')!r}, not {SERIAL!r}")
