@@ -18,8 +18,8 @@ exits, and only then does the parent go on (GET_VRING_BASE reports them).
 
 The child runs no trio: a ``poll`` on the kick eventfd and its control socket,
 then ``QueueRunner.drain``. It closes every inherited fd it does not need, so
-the parent closing a connection is seen by the front-end at once, and it dies
-with its parent.
+the parent closing a connection is seen by the front-end at once; it leaves
+SIGINT and SIGTERM to the parent (which stops it in order) and dies with it.
 """
 
 from __future__ import annotations
@@ -238,11 +238,14 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 def _become_child(keep: set[int], parent_pid: int) -> None:
     """Leave the parent's world: its signal handling, its fds, its life."""
     signal.set_wakeup_fd(-1)
+    # Ctrl-C in a terminal (or a SIGTERM to the whole group) is for the parent,
+    # which then stops its children in order; a child ends when its control
+    # socket closes, or with the parent (the death signal).
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     start = 0
     # (os.closerange(lo, hi) with hi <= lo would close everything from lo up)
     for fd in [*sorted(f for f in keep if f >= 0), _max_fd()]:

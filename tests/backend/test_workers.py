@@ -192,6 +192,34 @@ def test_queue_processes_die_with_the_back_end(tmp_path: Path, image: Path) -> N
         proc.communicate(timeout=10)
 
 
+def test_ctrl_c_to_the_process_group_stops_everything_in_order(tmp_path: Path,
+                                                               image: Path) -> None:
+    sock = str(tmp_path / "blk.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "outboard", "blk", "--socket-path", sock,
+                             "--blk-file", str(image), "--num-queues", "2",
+                             "--queue-processes"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    async def run() -> None:
+        with trio.fail_after(20):
+            while not os.path.exists(sock):
+                await trio.sleep(0.05)
+        async with open_device(sock, [64, 64], ram_size=4 << 20) as driver:
+            status, _ = await request(driver, 0, BlkType.IN, 0, in_size=512)
+            assert status == BlkStatus.OK
+            assert len(children(proc.pid)) == 2
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+            _, err = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
+            assert proc.returncode == 0, err
+            assert "did not answer" not in err and "Traceback" not in err
+
+    try:
+        trio.run(run)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
 def test_queue_processes_are_for_vhost_user(tmp_path: Path, image: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "outboard", "blk", "--transport", "vfio-user",
                              "--socket-path", str(tmp_path / "s"), "--blk-file", str(image),
