@@ -46,7 +46,7 @@ from .blk import (
     parse_size,
     wanted_features,
 )
-from .procs import BackendProcess, make_image, process_cpu
+from .procs import BackendProcess, family_cpu, make_image
 from .ring import BLK_T_IN, SECTOR, BlkRing
 
 BACKENDS = ("outboard", "outboard-procs", "qsd")
@@ -64,23 +64,6 @@ def command(name: str, socket_path: str, image: str, queues: int, queue_size: in
             "--blockdev", "driver=raw,node-name=disk0,file=file0",
             "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
                         f"addr.path={socket_path},writable=on,num-queues={queues}"]
-
-
-def family_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and of its live children (queue processes)."""
-    total = process_cpu(pid)
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids = [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-        for kid in kids:
-            try:
-                total += family_cpu(kid)
-            except OSError:
-                pass
-    return total
 
 
 @dataclass

@@ -36,6 +36,31 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (of any of its threads)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    return out
+
+
+def family_cpu(pid: int) -> float:
+    """``process_cpu`` of ``pid`` and of its live descendants (a back-end's queue
+    processes)."""
+    total = process_cpu(pid)
+    for kid in children(pid):
+        with contextlib.suppress(OSError):
+            total += family_cpu(kid)
+    return total
+
+
+def family_run_delay(pid: int) -> float:
+    """``run_delay`` of ``pid`` and of its live descendants."""
+    return run_delay(pid) + sum(family_run_delay(kid) for kid in children(pid))
+
+
 def process_threads(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
@@ -106,8 +131,8 @@ class CpuSnapshot:
             wall=time.perf_counter(),
             frontend=time.process_time(),
             frontend_delay=run_delay(os.getpid()),
-            backend=process_cpu(backend_pid) if backend_pid else 0.0,
-            backend_delay=run_delay(backend_pid) if backend_pid else 0.0,
+            backend=family_cpu(backend_pid) if backend_pid else 0.0,
+            backend_delay=family_run_delay(backend_pid) if backend_pid else 0.0,
             cores=cpu_times(),
         )
 
@@ -249,6 +274,10 @@ BACKENDS: dict[str, Backend] = {
     "outboard": Backend("outboard", (
         sys.executable, "-m", "outboard", "blk", "--socket-path", "{socket}",
         "--blk-file", "{image}", "--queue-size", "{queue_size}")),
+    # every queue served by a process of its own (no trio on the data path)
+    "outboard-procs": Backend("outboard-procs", (
+        sys.executable, "-m", "outboard", "blk", "--socket-path", "{socket}",
+        "--blk-file", "{image}", "--queue-size", "{queue_size}", "--queue-processes")),
     "qsd": Backend("qsd", (
         "qemu-storage-daemon",
         "--blockdev", "driver=file,node-name=file0,filename={image},cache.direct=off,"
