@@ -17,7 +17,7 @@ import trio
 
 from outboard.backend import DeviceStatus, QueueSpec, SplitQueue, VirtioDevice
 from outboard.devices.blk import WRITEBACK_OFFSET, BlkDevice, BlkStatus, BlkType
-from outboard.testing import Buffer, VhostUserDriver, open_device
+from outboard.testing import Buffer, GuestRam, VhostUserDriver, open_device
 from outboard.transports.vhost_user import serve_path
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
@@ -131,6 +131,32 @@ async def test_changes_start_a_new_process_that_carries_on(tmp_path: Path,
         status, got = await request(driver, 0, BlkType.IN, 0, in_size=1024)
         assert status == BlkStatus.OK and got == b"a" * 512 + b"b" * 512
         assert await driver.frontend.get_vring_base(0) == 3
+
+
+async def test_a_region_added_while_running_reaches_the_process(tmp_path: Path,
+                                                                image: Path) -> None:
+    async with served(tmp_path, BlkDevice(str(image)), [64]) as driver:
+        (before,) = children(os.getpid())
+        more = GuestRam(1 << 20, gpa=1 << 32, uva=0x7E00_0000_0000)
+        try:
+            await driver.frontend.add_mem_reg(more)
+            (after,) = children(os.getpid())
+            assert after != before  # a new process, with the new region mapped
+            # A read into the new region, header and status in the old one.
+            hdr, status = driver.ram.alloc(16), driver.ram.alloc(1)
+            driver.ram.write(hdr, struct.pack("<IIQ", BlkType.IN, 0, 3))
+            driver.offer(0, [Buffer(hdr, 16), Buffer(more.gpa, 512, writable=True),
+                             Buffer(status, 1, writable=True)])
+            driver.kick(0)
+            with trio.fail_after(10):
+                (used,) = await driver.wait_used(0)
+            assert used.written == 513 and driver.ram.read(status, 1) == b"\0"
+            assert more.read(more.gpa, 512) == image.read_bytes()[3 * 512:4 * 512]
+            await driver.frontend.rem_mem_reg(more)
+            status_code, _ = await request(driver, 0, BlkType.IN, 0, in_size=512)
+            assert status_code == BlkStatus.OK
+        finally:
+            more.close()
 
 
 class Failing(VirtioDevice):
