@@ -19,6 +19,7 @@ from outboard.backend import DeviceStatus, QueueSpec, SplitQueue, VirtioDevice
 from outboard.devices.blk import WRITEBACK_OFFSET, BlkDevice, BlkStatus, BlkType
 from outboard.testing import Buffer, GuestRam, VhostUserDriver, open_device
 from outboard.transports.vhost_user import serve_path
+from tests.devices.test_blk import Disk
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
@@ -44,26 +45,9 @@ def _state(pid: int) -> str | None:
 
 async def request(driver: VhostUserDriver, queue: int, kind: int, sector: int,
                   data: bytes = b"", in_size: int = 0) -> tuple[int, bytes]:
-    ram = driver.ram
-    hdr = ram.alloc(16)
-    ram.write(hdr, struct.pack("<IIQ", kind, 0, sector))
-    bufs = [Buffer(hdr, 16)]
-    if data:
-        out = ram.alloc(len(data), 512)
-        ram.write(out, data)
-        bufs.append(Buffer(out, len(data)))
-    gpa = 0
-    if in_size:
-        gpa = ram.alloc(in_size, 512)
-        bufs.append(Buffer(gpa, in_size, writable=True))
-    status = ram.alloc(1)
-    ram.write(status, b"\xff")
-    bufs.append(Buffer(status, 1, writable=True))
-    driver.offer(queue, bufs)
-    driver.kick(queue)
-    with trio.fail_after(10):
-        await driver.wait_used(queue)
-    return ram.read(status, 1)[0], ram.read(gpa, in_size) if in_size else b""
+    status, got, _ = await Disk(driver, None, None).request(  # type: ignore[arg-type]
+        kind, sector, out=data, in_size=in_size, queue=queue)
+    return status, got
 
 
 @asynccontextmanager
