@@ -61,6 +61,7 @@ class VirtioDevice:
     def __init__(self) -> None:
         self.driver_features = 0
         self._config_changed: Callable[[], None] | None = None
+        self._settings_changed: Callable[[], None] | None = None
         #: the queues of the current connection (see ``bind``)
         self.virtqueues: Sequence[SplitQueue] = ()
 
@@ -107,6 +108,36 @@ class VirtioDevice:
         """The fds ``process`` uses (an image file, say): a queue process keeps
         these and closes every other fd it inherited."""
         return ()
+
+    # With ``queue_processes``: which queues share a process, and what such a
+    # process does besides draining its queues.
+
+    def queue_group(self, index: int) -> int | None:
+        """The process queue ``index`` is served by: queues with the same number
+        share one; None keeps the queue in the main process (a control queue
+        that changes the device's settings)."""
+        return index
+
+    def group_fds(self, group: int) -> Sequence[int]:
+        """fds whose readiness should wake the process of ``group`` now (a tap
+        with room in the receive ring, say); asked before every wait."""
+        return ()
+
+    def group_poll(self, group: int) -> bool:
+        """Work of the process of ``group`` besides its queues (read from a
+        port), done after every wake-up; True to be called again without
+        waiting."""
+        return False
+
+    def settings_changed(self) -> None:
+        """The device's settings changed outside the queue processes (a control
+        queue command): they start afresh from the new settings."""
+        if self._settings_changed is not None:
+            self._settings_changed()
+
+    def set_settings_notifier(self, notifier: Callable[[], None] | None) -> None:
+        """For transports: what ``settings_changed`` does (None: nothing)."""
+        self._settings_changed = notifier
 
     def has_feature(self, feature: int) -> bool:
         return bool(self.driver_features >> feature & 1)

@@ -186,10 +186,17 @@ class Runtime:
                  processes: bool = False) -> None:
         self.state = state
         self.nursery = nursery
+        self.runners: list[QueueRunner] = []
         if processes:
-            from .workers import ProcessQueueRunner
-            self.runners: list[QueueRunner] = [ProcessQueueRunner(state, q)
-                                               for q in state.queues]
+            from .workers import ProcessQueueRunner, QueueProcess
+            groups: dict[int, QueueProcess] = {}
+            for queue in state.queues:
+                group = state.device.queue_group(queue.index)
+                if group is None:
+                    self.runners.append(QueueRunner(state, queue))
+                else:
+                    process = groups.setdefault(group, QueueProcess(state, group))
+                    self.runners.append(ProcessQueueRunner(state, queue, process))
         else:
             self.runners = [QueueRunner(state, q) for q in state.queues]
 

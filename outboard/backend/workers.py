@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -46,9 +47,11 @@ __all__ = ["ProcessQueueRunner"]
 
 log = logging.getLogger("outboard.workers")
 
-#: the child's answer to STOP: last_avail_idx, used_idx, broken, failed chains,
-#: interrupts, then the length of the JSON of its counters that follows
-_REPLY = struct.Struct("<HHBIQI")
+#: the child's answer to STOP, per queue it served: index, last_avail_idx,
+#: used_idx, broken, failed chains, interrupts
+_QUEUE_REPLY = struct.Struct("<HHHBIQ")
+#: then: how many queues, the length of the JSON of its counters that follows
+_REPLY_HEAD = struct.Struct("<HI")
 STOP = b"S"
 KICK = b"K"
 #: how long a child may take to finish its batch and answer (a flush of a
@@ -57,34 +60,39 @@ STOP_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
 
 
-class ProcessQueueRunner(QueueRunner):
-    """A ``QueueRunner`` whose worker is a child process."""
+class QueueProcess:
+    """The child process serving the running queues of one group
+    (``VirtioDevice.queue_group``): a queue alone, or a network device's
+    queue pair with its port."""
 
-    def __init__(self, state: DeviceState, queue: SplitQueue) -> None:
-        super().__init__(state, queue)
-        self._child: tuple[int, socket.socket] | None = None
-        self._nursery: trio.Nursery | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._child is not None
-
-    @property
-    def enabled(self) -> bool:
-        return self.queue.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        if value != self.queue.enabled:
-            self._restart(lambda: setattr(self.queue, "enabled", value))
+    def __init__(self, state: DeviceState, group: int) -> None:
+        self.state = state
+        self.group = group
+        self.members: list[ProcessQueueRunner] = []
+        self.nursery: trio.Nursery | None = None
+        self._child: tuple[int, socket.socket, list[ProcessQueueRunner]] | None = None
 
     @property
     def pid(self) -> int | None:
         return self._child[0] if self._child is not None else None
 
-    def start(self, nursery: trio.Nursery) -> None:
-        self.stop()
-        self._nursery = nursery
+    def restart(self, change: Callable[[], None]) -> None:
+        """Stop the child (if any), apply ``change``, fork a new one for the
+        queues that run now."""
+        self._stop()
+        change()
+        served = [m for m in self.members if m.started and not m.queue.broken]
+        if served and self.nursery is not None:
+            self._start(served)
+
+    def kick(self) -> None:
+        if self._child is not None:
+            try:
+                self._child[1].sendall(KICK)
+            except OSError as exc:
+                log.error("queue group %d: worker process gone: %s", self.group, exc)
+
+    def _start(self, served: list[ProcessQueueRunner]) -> None:
         parent, child = socket.socketpair()
         parent_pid = os.getpid()
         try:
@@ -97,63 +105,110 @@ class ProcessQueueRunner(QueueRunner):
             code = 1
             try:
                 parent.close()
-                code = self._serve(child, parent_pid)
+                code = _serve(self.state, self.group, served, child, parent_pid)
             except BaseException:
-                log.exception("queue %d: worker process failed", self.queue.index)
+                log.exception("queue group %d: worker process failed", self.group)
             finally:
                 os._exit(code)
         child.close()
-        self._child = (pid, parent)
-        log.info("queue %d: served by process %d", self.queue.index, pid)
+        self._child = (pid, parent, served)
+        for member in served:
+            log.info("queue %d: served by process %d", member.queue.index, pid)
 
-    def stop(self) -> None:
-        """Stop the child and take over the ring positions it reports."""
-        self.queue.notifier = None
+    def _stop(self) -> None:
+        """Stop the child; its queues take over the ring positions it reports."""
         child, self._child = self._child, None
         if child is None:
             return
-        pid, sock = child
-        queue = self.queue
+        pid, sock, served = child
         try:
             sock.settimeout(STOP_TIMEOUT)
             sock.sendall(STOP)
-            reply = _recv_exactly(sock, _REPLY.size)
-            last, used, broken, failed, interrupts, size = _REPLY.unpack(reply)
+            count, size = _REPLY_HEAD.unpack(_recv_exactly(sock, _REPLY_HEAD.size))
+            replies = [_QUEUE_REPLY.unpack(_recv_exactly(sock, _QUEUE_REPLY.size))
+                       for _ in range(count)]
             counters = json.loads(_recv_exactly(sock, size)) if size else {}
         except OSError as exc:
-            log.error("queue %d: worker process %d did not answer (%s); ring state lost",
-                      queue.index, pid, exc)
+            log.error("queue group %d: worker process %d did not answer (%s); ring state lost",
+                      self.group, pid, exc)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            queue.broken = True
+            for member in served:
+                member.queue.broken = True
         else:
-            queue.resume(last, used)
+            by_index = {m.queue.index: m for m in served}
+            for index, last, used, broken, failed, interrupts in replies:
+                member = by_index[index]
+                queue = member.queue
+                queue.resume(last, used)
+                queue.failed_chains = failed
+                member.interrupts = interrupts
+                if broken and not queue.broken:
+                    queue.broken = True
+                    self.state.needs_reset()
             _add_counters(self.state.device, counters)
-            queue.failed_chains = failed
-            self.interrupts = interrupts
-            if broken and not queue.broken:
-                queue.broken = True
-                self.state.needs_reset()
         finally:
             sock.close()
             os.waitpid(pid, 0)
 
+
+class ProcessQueueRunner(QueueRunner):
+    """A ``QueueRunner`` whose worker is the child process of its group."""
+
+    def __init__(self, state: DeviceState, queue: SplitQueue,
+                 process: QueueProcess | None = None) -> None:
+        super().__init__(state, queue)
+        self.process = process if process is not None else QueueProcess(state, queue.index)
+        self.process.members.append(self)
+        self.started = False
+
+    @property
+    def running(self) -> bool:
+        return self.started
+
+    @property
+    def enabled(self) -> bool:
+        return self.queue.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if value != self.queue.enabled:
+            self._change(lambda: setattr(self.queue, "enabled", value))
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.started else None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self.process.nursery = nursery
+
+        def start() -> None:
+            self.started = True
+        self.process.restart(start)
+
+    def stop(self) -> None:
+        """Synchronous: once this returns the queue's ring state is final."""
+        self.queue.notifier = None
+        if self.started:
+            def stop() -> None:
+                self.started = False
+            self.process.restart(stop)
+
     def kick_now(self) -> None:
-        if self._child is not None:
-            try:
-                self._child[1].sendall(KICK)
-            except OSError as exc:
-                log.error("queue %d: worker process gone: %s", self.queue.index, exc)
+        if self.started:
+            self.process.kick()
 
     def refresh(self) -> None:
-        self._restart(lambda: None)
+        # Once per group: the first of its running queues restarts it.
+        if self.started and next(m for m in self.process.members if m.started) is self:
+            self.process.restart(lambda: None)
 
     def set_call(self, fd: OwnedFd | None) -> None:
         def swap() -> None:
             old, self.call = self.call, fd
             if old is not None:
                 old.close()
-        self._restart(swap)
+        self._change(swap)
         if self.running:
             # As in-process: a swap may race with a publish; signal the new fd once.
             self.signal()
@@ -163,66 +218,92 @@ class ProcessQueueRunner(QueueRunner):
             old, self.err = self.err, fd
             if old is not None:
                 old.close()
-        self._restart(swap)
+        self._change(swap)
 
-    def _restart(self, change: Callable[[], None]) -> None:
-        running = self.running
-        if running:
-            self.stop()
-        change()
-        if running and self._nursery is not None and not self.queue.broken:
-            self.start(self._nursery)
+    def _change(self, change: Callable[[], None]) -> None:
+        if self.started:
+            self.process.restart(change)
+        else:
+            change()
 
-    # -- the child -----------------------------------------------------------
 
-    def _serve(self, ctrl: socket.socket, parent_pid: int) -> int:
-        kick = self.kick.fd if self.kick is not None and not self.kick.closed else -1
-        keep = {0, 1, 2, ctrl.fileno(), kick, *self.state.device.queue_fds()}
-        keep |= {fd.fd for fd in (self.call, self.err) if fd is not None and not fd.closed}
-        _become_child(keep, parent_pid)
-        queue = self.queue
-        queue.notifier = self.signal
-        poller = select.poll()
-        poller.register(ctrl, select.POLLIN)
-        if kick >= 0:
-            poller.register(kick, select.POLLIN)
-        timeout = None if kick >= 0 else POLL_INTERVAL * 1000
-        counters_before = dict(_counters(self.state.device))
-        while True:
-            while self.drain():
-                pass
-            for fd, _ in poller.poll(timeout):
-                if fd == kick:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(kick, 8)
-                    continue
-                message = ctrl.recv(64)
-                if not message or STOP in message:
-                    if message:
-                        counters = json.dumps({
-                            name: value - counters_before.get(name, 0)
-                            for name, value in _counters(self.state.device).items()
-                        }).encode()
-                        ctrl.sendall(_REPLY.pack(queue.last_avail_idx, queue.used_idx,
-                                                 queue.broken, queue.failed_chains,
-                                                 self.interrupts, len(counters)) + counters)
-                    return 0
+# -- the child -----------------------------------------------------------------
+
+
+def _serve(state: DeviceState, group: int, served: list[ProcessQueueRunner],
+           ctrl: socket.socket, parent_pid: int) -> int:
+    device = state.device
+    kicks = {m.kick.fd: m for m in served if m.kick is not None and not m.kick.closed}
+    keep = {0, 1, 2, ctrl.fileno(), *kicks, *device.queue_fds()}
+    for member in served:
+        keep |= {fd.fd for fd in (member.call, member.err) if fd is not None and not fd.closed}
+    _become_child(keep, parent_pid)
+    for member in served:
+        member.queue.notifier = member.signal
+    poller = select.poll()
+    poller.register(ctrl, select.POLLIN)
+    for fd in kicks:
+        poller.register(fd, select.POLLIN)
+    watched: set[int] = set()
+    # A queue without a kick fd (the front-end asked for polling) is polled.
+    idle_timeout = POLL_INTERVAL * 1000 if len(kicks) < len(served) else None
+    counters_before = _counters(device)
+    while True:
+        more = True
+        while more:
+            more = False
+            for member in served:
+                more |= member.drain()
+        busy = device.group_poll(group)
+        wanted = set(device.group_fds(group))
+        for fd in watched - wanted:
+            poller.unregister(fd)
+        for fd in wanted - watched:
+            poller.register(fd, select.POLLIN)
+        watched = wanted
+        for fd, _ in poller.poll(0 if busy else idle_timeout):
+            if fd in kicks:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, 8)
+                continue
+            if fd != ctrl.fileno():
+                continue  # the device's own fd: ``group_poll`` reads it
+            message = ctrl.recv(64)
+            if not message or STOP in message:
+                if message:
+                    counters = json.dumps({
+                        name: value - counters_before.get(name, 0)
+                        for name, value in _counters(device).items()
+                    }).encode()
+                    ctrl.sendall(_REPLY_HEAD.pack(len(served), len(counters)) + b"".join(
+                        _QUEUE_REPLY.pack(m.queue.index, m.queue.last_avail_idx,
+                                          m.queue.used_idx, m.queue.broken,
+                                          m.queue.failed_chains, m.interrupts)
+                        for m in served) + counters)
+                return 0
 
 
 def _counters(device: object) -> dict[str, int]:
-    """A device's counters: its ``stats``, if that is a dict of ints."""
+    """A device's counters: the int items of its ``stats`` (a dict or a dataclass)."""
     stats = getattr(device, "stats", None)
     if isinstance(stats, dict):
-        return {k: v for k, v in stats.items() if isinstance(k, str) and isinstance(v, int)}
-    return {}
+        items = list(stats.items())
+    elif dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+        items = [(f.name, getattr(stats, f.name)) for f in dataclasses.fields(stats)]
+    else:
+        return {}
+    return {k: v for k, v in items if isinstance(k, str) and isinstance(v, int)}
 
 
 def _add_counters(device: object, counters: dict[str, int]) -> None:
     """Add what a queue process counted to the device's own ``stats``."""
     stats = getattr(device, "stats", None)
-    if isinstance(stats, dict):
-        for name, value in counters.items():
+    known = _counters(device)
+    for name, value in counters.items():
+        if isinstance(stats, dict):
             stats[name] = stats.get(name, 0) + value
+        elif name in known:
+            setattr(stats, name, known[name] + value)
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:

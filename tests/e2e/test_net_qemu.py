@@ -159,13 +159,16 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-@pytest.mark.parametrize("pairs", [1, 2])
-def test_guest_and_host_over_tap(guest: Guest, short_tmp: Path, netns: str, pairs: int) -> None:
+@pytest.mark.parametrize(("pairs", "processes"), [(1, False), (2, False), (2, True)],
+                         ids=["1-pair", "2-pairs", "2-pairs-in-processes"])
+def test_guest_and_host_over_tap(guest: Guest, short_tmp: Path, netns: str, pairs: int,
+                                 processes: bool) -> None:
     tap = f"obtap{os.getpid() % 100000}"
     socket_path = short_tmp / "net.sock"
     mac = "52:54:00:00:77:02"
     backend = BackendProcess(["net", "--tap", tap, "--queues", str(pairs), "--mac", mac,
-                              "--socket-path", str(socket_path)])
+                              "--socket-path", str(socket_path)]
+                             + (["--queue-processes"] if processes else []))
     started = time.monotonic()
     try:
         with backend:
@@ -200,6 +203,9 @@ def test_guest_and_host_over_tap(guest: Guest, short_tmp: Path, netns: str, pair
     assert _counter(stderr, "rx_gso") > 0, stderr
     assert "Traceback" not in stderr
     assert code == 0, f"back-end exited with {code}:\n{stderr}"
+    if processes:
+        served = set(re.findall(r"queue (\d+): served by process", stderr))
+        assert served == {str(i) for i in range(2 * pairs)}, stderr
 
 
 @contextlib.contextmanager

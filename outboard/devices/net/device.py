@@ -261,10 +261,26 @@ class NetDevice(VirtioDevice):
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                await self.port.run()
+                if not self.queue_processes:  # else each pair's process does the port's work
+                    await self.port.run()
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    # -- queue processes: a process per queue pair, with its part of the port --
+
+    def queue_group(self, index: int) -> int | None:
+        # The control queue changes settings every pair uses: it stays here.
+        return None if index == self.ctrl_index else index // 2
+
+    def queue_fds(self) -> Sequence[int]:
+        return self.port.queue_fds()
+
+    def group_fds(self, group: int) -> Sequence[int]:
+        return self.port.pair_fds(group)
+
+    def group_poll(self, group: int) -> bool:
+        return self.port.poll(group)
 
     def _configure_rings(self) -> None:
         """Apply the negotiated features and the receive filter to the rings."""
@@ -449,6 +465,7 @@ class NetDevice(VirtioDevice):
     # -- the control queue -------------------------------------------------
 
     def _control(self, queue: SplitQueue) -> None:
+        commands = 0
         for chain in queue:
             written = 0
             if chain.writable_size < 1:
@@ -456,7 +473,10 @@ class NetDevice(VirtioDevice):
             else:
                 ack = self.command(chain.read())
                 written = chain.write(bytes((ack,)))
+                commands += 1
             queue.push(chain, written)
+        if commands:
+            self.settings_changed()  # queue processes start again from the new settings
 
     def command(self, request: bytes) -> CtrlAck:
         """Apply one control command (class, command, data); VIRTIO_NET_OK or _ERR."""
@@ -541,6 +561,10 @@ class NetDevice(VirtioDevice):
                                  "(several devices: FILE-0.pcap, FILE-1.pcap, ...)")
         parser.add_argument("--queue-size", type=int, default=1024, metavar="N",
                             help="largest ring size the driver may choose (default 1024)")
+        parser.add_argument("--queue-processes", action="store_true",
+                            help="serve each queue pair from a process of its own, so that "
+                                 "pairs run on several cores (vhost-user; --tap, --loopback "
+                                 "or --generate)")
         parser.add_argument("--config-space", action="store_true",
                             help="serve the config space (MAC, link, pairs, MTU) over "
                                  "vhost-user; QEMU and DPDK build their own (QEMU warns "
@@ -550,9 +574,23 @@ class NetDevice(VirtioDevice):
     def from_args(cls, args: argparse.Namespace) -> NetDevice:
         return cls.devices_from_args(args, 1)[0]
 
+    @staticmethod
+    def _check_queue_processes(args: argparse.Namespace) -> None:
+        if not args.queue_processes:
+            return
+        if args.transport != "vhost-user":
+            raise ValueError("--queue-processes is for vhost-user (vfio-user routes "
+                             "interrupts through the MSI-X table in one process)")
+        if args.switch:
+            raise ValueError("--queue-processes does not go with --switch (one switch "
+                             "for every device of the process)")
+        if args.capture:
+            raise ValueError("--queue-processes does not go with --capture (one file)")
+
     @classmethod
     def devices_from_args(cls, args: argparse.Namespace, count: int) -> list[NetDevice]:
         """``count`` devices (one per --socket-path) sharing the chosen port kind."""
+        cls._check_queue_processes(args)
         mac = parse_mac(args.mac) if args.mac else None
         ports = _ports(args, count)
         devices: list[NetDevice] = []
@@ -565,6 +603,7 @@ class NetDevice(VirtioDevice):
                                    queue_pairs=args.queues, mtu=args.mtu, capture=capture,
                                    queue_size=args.queue_size,
                                    config_space=args.config_space))
+                devices[-1].queue_processes = args.queue_processes
                 log.info("device %d: %s, MAC %s, %d queue pair%s", i, port.describe(),
                          format_mac(devices[-1].mac), args.queues,
                          "s" if args.queues > 1 else "")

@@ -79,6 +79,20 @@ class Port:
     async def run(self) -> None:
         """Receive from outside for the life of a connection (cancelled at its end)."""
 
+    # With queue processes, each pair's process does the port's work for its pair.
+
+    def queue_fds(self) -> list[int]:
+        """fds a queue pair's process needs (it closes every other)."""
+        return []
+
+    def pair_fds(self, pair: int) -> list[int]:
+        """fds whose readiness should wake the process of ``pair`` now."""
+        return []
+
+    def poll(self, pair: int) -> bool:
+        """Receive for ``pair`` what is there now; True to be asked again at once."""
+        return False
+
     def close(self) -> None:
         """Release what the port holds."""
 
@@ -143,9 +157,17 @@ class Generator(Port):
         self.frame_size = frame_size
         self.packet = HEADER.pack(0, 0, 0, 0, 0, 0, 1) + udp_frame(frame_size)
         self._wake: trio.Event | None = None
+        self._idle: dict[int, int] = {}
 
     def send_burst(self, packets: list[memoryview], pair: int) -> int:
         return len(packets)  # dropped
+
+    def poll(self, pair: int) -> bool:
+        # As ``run``, for one pair: look again at once until SPIN looks found nothing.
+        idle = self._idle.get(pair, 0)
+        idle = 0 if self.device.fill(pair, self.packet) else idle + 1
+        self._idle[pair] = idle
+        return idle < self.SPIN
 
     def ready(self, pair: int) -> None:
         self.device.fill(pair, self.packet)

@@ -84,6 +84,7 @@ class Tap(Port):
         self.fds: list[OwnedFd] = []
         self.write_errors = 0
         self._waiters: list[trio.Event | None] = [None] * queues
+        self._overflow: memoryview | None = None
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
         try:
             for _ in range(queues):
@@ -181,6 +182,24 @@ class Tap(Port):
                     self._waiters[index] = None
                     continue
                 await event.wait()
+
+    def queue_fds(self) -> list[int]:
+        return [fd.fd for fd in self.fds]
+
+    def pair_fds(self, pair: int) -> list[int]:
+        # Only while the pair's receive ring has room: a readable tap with
+        # nowhere to put the frame would wake the process for nothing.
+        if pair < len(self.fds) and self.device.can_receive(pair):
+            return [self.fds[pair].fd]
+        return []
+
+    def poll(self, pair: int) -> bool:
+        if pair >= len(self.fds):
+            return False
+        if self._overflow is None:
+            self._overflow = memoryview(bytearray(MAX_PACKET))
+        status = self.device.receive_from(pair, self.fds[pair].fd, self._overflow, READ_BURST)
+        return status == RxStatus.OK  # the burst limit: there may be more
 
     def close(self) -> None:
         for fd in self.fds:

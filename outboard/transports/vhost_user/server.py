@@ -48,6 +48,7 @@ async def serve_connection(device: VirtioDevice, stream: FdStream) -> None:
         async with trio.open_nursery() as nursery:
             runtime = Runtime(state, nursery, processes=device.queue_processes)
             backend = VhostUserBackend(state, runtime, conn)
+            device.set_settings_notifier(runtime.refresh)
             nursery.start_soon(device.run, name=f"{type(device).__name__}.run")
             try:
                 await _request_loop(stream, conn, backend)
@@ -59,6 +60,7 @@ async def serve_connection(device: VirtioDevice, stream: FdStream) -> None:
                 backend.close()
                 nursery.cancel_scope.cancel()
     finally:
+        device.set_settings_notifier(None)
         conn.close()
         stream.close()
         device.reset()
