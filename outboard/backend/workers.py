@@ -2,24 +2,29 @@
 
 CPython runs one thread of Python at a time, so the queues of one process share
 one core however many there are. A device that sets ``queue_processes`` has
-each running queue served by a child process instead: it is forked when the
-queue starts and inherits everything it needs (the mapped guest memory, the
-queue's kick, call and err eventfds, the device as it is configured now), so
-nothing has to be sent to it. Guest memory is a shared mapping, so the child
-reads and writes the same rings and buffers the driver does. What it counts
-in the device's ``stats`` (a dict of ints) is added to the parent's when it
-stops.
+its running queues served by child processes instead, one per group
+(``VirtioDevice.queue_group``: each queue alone by default, a network device's
+queue pair together). A child is forked when a queue of its group starts and
+inherits everything it needs (the mapped guest memory, the queues' kick, call
+and err eventfds, the device as it is configured now), so nothing has to be
+sent to it. Guest memory is a shared mapping, so the child reads and writes
+the same rings and buffers the driver does. What it counts in the device's
+``stats`` (a dict or a dataclass of ints) is added to the parent's when it
+stops. Queues of no group (a control queue) stay in the parent's trio runtime.
 
 Anything that changes what a running queue works with (a new memory table, a
-new call fd, the device's settings through SET_CONFIG, enabling or disabling
-the ring) stops the child and forks a new one. Stopping is synchronous, as
-for the in-process worker: the child answers with the ring positions and
-exits, and only then does the parent go on (GET_VRING_BASE reports them).
+new call fd, the device's settings through SET_CONFIG or a control queue,
+enabling or disabling a ring, another queue of the group starting or stopping)
+stops the child and forks a new one. Stopping is synchronous, as for the
+in-process worker: the child answers with the ring positions and exits, and
+only then does the parent go on (GET_VRING_BASE reports them).
 
-The child runs no trio: a ``poll`` on the kick eventfd and its control socket,
-then ``QueueRunner.drain``. It closes every inherited fd it does not need, so
-the parent closing a connection is seen by the front-end at once; it leaves
-SIGINT and SIGTERM to the parent (which stops it in order) and dies with it.
+The child runs no trio: a ``poll`` on the kick eventfds, its control socket and
+the fds the device names (``group_fds``), then ``QueueRunner.drain`` for each
+queue and the device's ``group_poll``. It closes every inherited fd it does not
+need, so the parent closing a connection is seen by the front-end at once; it
+leaves SIGINT and SIGTERM to the parent (which stops it in order) and dies
+with it.
 """
 
 from __future__ import annotations
