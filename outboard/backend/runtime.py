@@ -187,6 +187,9 @@ class Runtime:
         self.state = state
         self.nursery = nursery
         self.runners: list[QueueRunner] = []
+        #: stops every queue of a process group at once (else each queue's stop
+        #: would start the group afresh for the queues left)
+        self._stop_groups: list[Callable[[], None]] = []
         if processes:
             from .workers import ProcessQueueRunner, QueueProcess
             groups: dict[int, QueueProcess] = {}
@@ -197,6 +200,7 @@ class Runtime:
                 else:
                     process = groups.setdefault(group, QueueProcess(state, group))
                     self.runners.append(ProcessQueueRunner(state, queue, process))
+            self._stop_groups = [g.stop_all for g in groups.values()]
         else:
             self.runners = [QueueRunner(state, q) for q in state.queues]
 
@@ -217,9 +221,13 @@ class Runtime:
             runner.refresh()
 
     def stop_all(self) -> None:
+        for stop in self._stop_groups:
+            stop()
         for runner in self.runners:
             runner.stop()
 
     def close(self) -> None:
+        for stop in self._stop_groups:
+            stop()
         for runner in self.runners:
             runner.close()

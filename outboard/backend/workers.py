@@ -90,6 +90,14 @@ class QueueProcess:
         if served and self.nursery is not None:
             self._start(served)
 
+    def stop_all(self) -> None:
+        """Stop every queue of the group with one stop of the child."""
+        def stop() -> None:
+            for member in self.members:
+                member.started = False
+                member.queue.notifier = None
+        self.restart(stop)
+
     def kick(self) -> None:
         if self._child is not None:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import subprocess
@@ -61,6 +62,17 @@ async def test_each_pair_loops_back_in_a_process_of_its_own(tmp_path: Path) -> N
         assert pair_processes() == []
         # What the pair processes counted arrived when they stopped.
         assert (n.device.stats.tx_packets, n.device.stats.rx_packets) == (10, 10)
+
+
+async def test_a_connection_that_ends_stops_each_pair_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="outboard.workers")
+    async with nic(tmp_path, Loopback(), 2):
+        forks = len([r for r in caplog.records if "served by process" in r.message])
+        assert len(pair_processes()) == 2
+    # Not a new process for the queue left each time one of the pair stops.
+    assert len([r for r in caplog.records if "served by process" in r.message]) == forks
+    assert pair_processes() == []
 
 
 async def test_a_control_command_restarts_the_pairs_with_the_new_settings(
