@@ -70,9 +70,11 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-async def _disk(tmp_path: Path, image: Path, **options: object) -> AsyncIterator[Disk]:
+async def _disk(tmp_path: Path, image: Path, *, queue_processes: bool = False,
+                **options: object) -> AsyncIterator[Disk]:
     sock = str(tmp_path / "blk.sock")
     device = BlkDevice(str(image), **options)  # type: ignore[arg-type]
+    device.queue_processes = queue_processes
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_path, device, sock)
         async with open_vfio_user_device(sock, [64] * device.num_queues,
@@ -111,6 +113,15 @@ async def test_read_write_round_trip_on_both_queues(disk: Disk) -> None:
     with open(disk.image, "rb") as f:
         f.seek(100 * 512)
         assert len(f.read(8192)) == 8192
+
+
+async def test_queue_processes_are_declined_with_a_warning(
+        tmp_path: Path, image: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async for disk in _disk(tmp_path, image, num_queues=2, queue_processes=True):
+        status, data, _ = await disk.request(BlkType.IN, 0, in_size=512, queue=1)
+        assert status == BlkStatus.OK and data == image.read_bytes()[:512]
+        assert "queue processes are for vhost-user" in caplog.text
+        assert not disk.device.queue_processes
 
 
 async def test_read_reads_the_image(disk: Disk) -> None:

@@ -218,6 +218,11 @@ async def serve_connection(
     task_status: trio.TaskStatus[VfioUserSession] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one client until it disconnects or breaks the protocol."""
+    if device.queue_processes:
+        # Interrupts go through the MSI-X table (masks, pending bits) here, in
+        # this process: the queues stay in it too.
+        log.warning("queue processes are for vhost-user: serving every queue in this process")
+        device.queue_processes = False
     state = DeviceState(device)
     conn = ServerConnection()
     dma = DmaTable()
