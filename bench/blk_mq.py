@@ -46,24 +46,10 @@ from .blk import (
     parse_size,
     wanted_features,
 )
-from .procs import BackendProcess, family_cpu, make_image
+from .procs import BACKENDS, BackendProcess, family_cpu, make_image
 from .ring import BLK_T_IN, SECTOR, BlkRing
 
-BACKENDS = ("outboard", "outboard-procs", "qsd")
-
-
-def command(name: str, socket_path: str, image: str, queues: int, queue_size: int) -> list[str]:
-    if name.startswith("outboard"):
-        argv = [sys.executable, "-m", "outboard", "blk", "--socket-path", socket_path,
-                "--blk-file", image, "--queue-size", str(queue_size),
-                "--num-queues", str(queues)]
-        return argv + (["--queue-processes"] if name == "outboard-procs" else [])
-    return ["qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off,"
-                          "aio=threads,discard=unmap",
-            "--blockdev", "driver=raw,node-name=disk0,file=file0",
-            "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                        f"addr.path={socket_path},writable=on,num-queues={queues}"]
+NAMES = ("outboard", "outboard-procs", "qsd")
 
 
 @dataclass
@@ -186,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queues", default="1,2", help="queue counts (1,2)")
     p.add_argument("--qd", type=int, default=64, help="requests in flight per queue (64)")
-    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--backends", default=",".join(NAMES))
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=2, help="median of this many runs (2)")
@@ -197,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = [n for n in args.backends.split(",") if n]
     for n in names:
-        if n not in BACKENDS:
-            raise SystemExit(f"unknown back-end {n!r} (known: {', '.join(BACKENDS)})")
+        if n not in NAMES:
+            raise SystemExit(f"unknown back-end {n!r} (known: {', '.join(NAMES)})")
     if "qsd" in names and not shutil.which("qemu-storage-daemon"):
         raise SystemExit("qemu-storage-daemon is not installed (Debian: qemu-system-common)")
     counts = [int(q) for q in args.queues.split(",") if q]
@@ -219,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name in order:
                     sock = os.path.join(workdir, f"{name}.sock")
                     log_path = os.path.join(workdir, f"{name}.log")
-                    argv_ = command(name, sock, image, queues, args.queue_size)
+                    argv_ = BACKENDS[name].command(sock, image, args.queue_size, queues)
                     with BackendProcess(argv_, sock, None, log_path=log_path) as proc:
                         res = trio.run(session, args, sock, proc.pid, queues, capacity)
                     res.backend = name

@@ -256,11 +256,12 @@ class Backend:
     """How to start one vhost-user-blk back-end on a socket path and an image."""
 
     name: str
-    argv: tuple[str, ...]  # with {socket}, {image} and {queue_size} placeholders
+    argv: tuple[str, ...]  # with {socket}, {image}, {queue_size} and {queues} placeholders
 
-    def command(self, socket_path: str, image: str, queue_size: int) -> list[str]:
-        return [a.format(socket=socket_path, image=image, queue_size=queue_size)
-                for a in self.argv]
+    def command(self, socket_path: str, image: str, queue_size: int,
+                queues: int = 1) -> list[str]:
+        return [a.format(socket=socket_path, image=image, queue_size=queue_size,
+                         queues=queues) for a in self.argv]
 
     def available(self) -> str | None:
         """Why the back-end cannot run here, or None."""
@@ -273,18 +274,19 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "outboard": Backend("outboard", (
         sys.executable, "-m", "outboard", "blk", "--socket-path", "{socket}",
-        "--blk-file", "{image}", "--queue-size", "{queue_size}")),
+        "--blk-file", "{image}", "--queue-size", "{queue_size}", "--num-queues", "{queues}")),
     # every queue served by a process of its own (no trio on the data path)
     "outboard-procs": Backend("outboard-procs", (
         sys.executable, "-m", "outboard", "blk", "--socket-path", "{socket}",
-        "--blk-file", "{image}", "--queue-size", "{queue_size}", "--queue-processes")),
+        "--blk-file", "{image}", "--queue-size", "{queue_size}", "--num-queues", "{queues}",
+        "--queue-processes")),
     "qsd": Backend("qsd", (
         "qemu-storage-daemon",
         "--blockdev", "driver=file,node-name=file0,filename={image},cache.direct=off,"
                       "aio=threads,discard=unmap",
         "--blockdev", "driver=raw,node-name=disk0,file=file0",
         "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                    "addr.path={socket},writable=on,num-queues=1")),
+                    "addr.path={socket},writable=on,num-queues={queues}")),
 }
 
 

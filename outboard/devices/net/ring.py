@@ -24,11 +24,10 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from ...backend import Chain, GuestMemory, MemoryRegion, SplitQueue
+from ...backend import Chain, GuestMemory, SplitQueue
 from .wire import HEADER_SIZE, MAX_GSO_FRAME, NUM_BUFFERS_OFFSET
 
-__all__ = ["Backpressure", "NetStats", "RxRing", "RxStatus", "TxRing", "find_region",
-           "ring_views"]
+__all__ = ["Backpressure", "NetStats", "RxRing", "RxStatus", "TxRing", "ring_views"]
 
 log = logging.getLogger("outboard.net")
 
@@ -94,17 +93,6 @@ def ring_views(queue: SplitQueue) -> tuple[memoryview, memoryview, memoryview] |
         return None
     avail, desc, used = views
     return avail, desc, used[:4 + 8 * queue.size].cast("I")
-
-
-def find_region(memory: GuestMemory | None, gpa: int, size: int) -> MemoryRegion | None:
-    """The region holding ``[gpa, gpa + size)``, if one does."""
-    if memory is None:
-        return None
-    for region in memory:
-        offset = gpa - region.spec.gpa
-        if offset >= 0 and offset + size <= region.spec.size:
-            return region
-    return None
 
 
 _EMPTY = memoryview(b"")
@@ -215,8 +203,8 @@ class TxRing:
         min_packet = MIN_PACKET
         packets: list[memoryview] = []
         append = packets.append
-        #: for each packet, how many heads up to and including it
-        ends: list[int] = []
+        #: heads whose packet was dropped (rare): to find a packet's head again
+        dropped: list[int] = []
         i = 0
         for i, head in enumerate(heads):
             try:
@@ -227,7 +215,8 @@ class TxRing:
                 break
             offset = addr - r_gpa
             if offset < 0 or offset + length > r_size:
-                region = find_region(self.queue.memory, addr, length)
+                memory = self.queue.memory
+                region = memory.region_of(addr, length) if memory is not None else None
                 if region is None:
                     break
                 r_gpa, r_size, r_view = self._region = (region.spec.gpa, region.spec.size,
@@ -235,9 +224,9 @@ class TxRing:
                 offset = addr - r_gpa
             packet = r_view[offset:offset + length]
             if (length > max_packet or length < min_packet) and not self._admit(packet):
+                dropped.append(i)
                 continue
             append(packet)
-            ends.append(i + 1)
         else:
             i = len(heads)
         if capture is None:
@@ -252,8 +241,12 @@ class TxRing:
                 taken += 1
         pushed_back = taken < len(packets)
         if pushed_back:
-            # The packet the port refused, and every head after it, stay.
-            i = ends[taken] - 1
+            # The packet the port refused, and every head after it, stay: its
+            # head is the taken-th one that was not dropped.
+            i = taken
+            for head_index in dropped:
+                if head_index <= i:
+                    i += 1
             del packets[taken:]
         self._complete(used, heads[:i])
         stats = self.stats
@@ -433,7 +426,8 @@ class RxRing:
             return None
         offset = addr - self._r_gpa
         if offset < 0 or offset + length > self._r_size:
-            region = find_region(self.queue.memory, addr, length)
+            memory = self.queue.memory
+            region = memory.region_of(addr, length) if memory is not None else None
             if region is None:
                 return None
             self._r_gpa, self._r_size, self._r_view = (region.spec.gpa, region.spec.size,
