@@ -262,12 +262,13 @@ def _serve(state: DeviceState, group: int, served: list[ProcessQueueRunner],
     idle_timeout = POLL_INTERVAL * 1000 if len(kicks) < len(served) else None
     counters_before = _counters(device)
     while True:
-        more = True
-        while more:
-            more = False
-            for member in served:
-                more |= member.drain()
-        busy = device.group_poll(group)
+        # One drain of each queue (up to 64 batches), then a look at the
+        # control socket and the kicks: a driver that keeps a ring full (a
+        # DPDK sender) must not keep a STOP waiting.
+        busy = False
+        for member in served:
+            busy |= member.drain()
+        busy |= device.group_poll(group)
         wanted = set(device.group_fds(group))
         for fd in watched - wanted:
             poller.unregister(fd)

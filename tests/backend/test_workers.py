@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -168,6 +169,61 @@ async def test_a_device_failing_in_a_process_stops_that_queue_only(tmp_path: Pat
             await driver.wait_used(1)  # and the other queue goes on
         await driver.frontend.get_vring_base(0)
         assert await driver.frontend.get_status() & DeviceStatus.DEVICE_NEEDS_RESET
+
+
+class Echo(VirtioDevice):
+    """Gives every chain back, one at a time and slowly (half a millisecond of
+    work each): a driver that refills at once keeps it busy for good."""
+
+    device_id = 4
+
+    @property
+    def queues(self) -> Sequence[QueueSpec]:
+        return (QueueSpec("a", 64),)
+
+    def process(self, queue: SplitQueue) -> None:
+        chain = queue.pop()
+        if chain is not None:
+            until = time.perf_counter() + 0.0005
+            while time.perf_counter() < until:
+                pass
+            queue.push(chain, 0)
+
+
+def _keep_busy(driver: VhostUserDriver, seconds: float) -> None:
+    """In a forked process: give every used chain straight back, so the ring is
+    never empty (the way a busy DPDK sender keeps a transmit ring full)."""
+    q = driver.queues[0]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for used in q.collect():
+            q.make_available(used.head)
+        q.publish()
+        os.write(driver.kicks[0].fd, (1).to_bytes(8, "little"))
+
+
+async def test_a_queue_that_never_empties_still_stops_at_once(tmp_path: Path) -> None:
+    async with served(tmp_path, Echo(), [64]) as driver:
+        ram = driver.ram
+        for _ in range(32):
+            driver.offer(0, [Buffer(ram.alloc(16), 16)])
+        driver.kick(0)
+        helper = os.fork()
+        if helper == 0:
+            try:
+                _keep_busy(driver, 20)
+            finally:
+                os._exit(0)
+        try:
+            with trio.fail_after(10):
+                while driver.queues[0].device_used_idx < 500:
+                    await trio.sleep(0.01)  # until the process has been busy a while
+                started = time.monotonic()
+                await driver.frontend.get_vring_base(0)
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(helper, signal.SIGKILL)
+            os.waitpid(helper, 0)
 
 
 def test_queue_processes_die_with_the_back_end(tmp_path: Path, image: Path) -> None:
