@@ -548,6 +548,9 @@ if [ -f /outboard/script.sh ]; then
         kill -9 -1 2>/dev/null
         printf '\n%s status=%d\n' "@END@" "$status"
     } >"$out" 2>&1
+    # Wait until the port has sent all of it (stty sets modes with TCSADRAIN):
+    # the power-off below would cut off what is still in the UART's buffer.
+    stty -F "$out" raw -echo 2>/dev/null
     cd /
 else
     echo "outboard-init: no /outboard/script.sh in the initramfs"
