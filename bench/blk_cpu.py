@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write", action="store_true", help="4 KiB random writes")
     p.add_argument("--depth", type=int, default=128, help="requests per round (128)")
+    p.add_argument("--block", type=int, default=BLOCK, help="bytes per request (4096)")
+    p.add_argument("--segments", type=int, default=1,
+                   help="data buffers per request, as a guest's scattered pages (1)")
     p.add_argument("--rounds", type=int, default=100, help="rounds per measurement (100)")
     p.add_argument("--profile", action="store_true", help="then profile one measurement")
     p.add_argument("--image-dir", default="/dev/shm")
@@ -47,24 +50,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         f.flush()
         device = BlkDevice(f.name)
         device.activate(device.features | bit(Feature.VERSION_1) | bit(9))  # FLUSH: write back
-        ram = GuestRam((32 << 20) + args.depth * 2 * BLOCK)
+        block = args.block
+        seg = block // args.segments
+        ram = GuestRam((32 << 20) + args.depth * 2 * block)
         driver = DriverQueue(ram, 256, event_idx=True)
         queue = SplitQueue(0, 256)
         queue.set_features(event_idx=True, indirect=True)
         queue.setup(ram.memory(), driver.desc_gpa, driver.avail_gpa, driver.used_gpa)
-        slots = [(ram.alloc(16), ram.alloc(BLOCK, BLOCK), ram.alloc(1))
+        slots = [(ram.alloc(16), ram.alloc(block, 4096), ram.alloc(1))
                  for _ in range(args.depth)]
         headers = [ram.view(h, 16) for h, _, _ in slots]
         rng = random.Random(1)
-        blocks = IMAGE_SIZE // BLOCK
+        blocks = IMAGE_SIZE // block
 
         def measure(profile: cProfile.Profile | None = None) -> float:
             spent = 0.0
             for _ in range(args.rounds):
                 for header, (h, d, s) in zip(headers, slots, strict=True):
-                    struct.pack_into("<IIQ", header, 0, kind, 0, rng.randrange(blocks) * 8)
-                    driver.offer([Buffer(h, 16), Buffer(d, BLOCK, writable=kind == 0),
-                                  Buffer(s, 1, writable=True)], indirect=True)
+                    struct.pack_into("<IIQ", header, 0, kind, 0,
+                                     rng.randrange(blocks) * (block // 512))
+                    data = [Buffer(d + i * seg, seg, writable=kind == 0)
+                            for i in range(args.segments)]
+                    driver.offer([Buffer(h, 16), *data, Buffer(s, 1, writable=True)],
+                                 indirect=True)
                 driver.publish()
                 if profile is not None:
                     profile.enable()
@@ -82,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         measure()
         best = min(measure() for _ in range(5))
-        print(f"{'write' if kind else 'read'} 4 KiB, {args.depth} per round: "
+        print(f"{'write' if kind else 'read'} {block // 1024} KiB in {args.segments} "
+              f"buffer(s), {args.depth} per round: "
               f"{best:.2f} us of CPU per request (best of 5), "
               f"{1e6 / best:,.0f} requests/s on one core")
         if args.profile:

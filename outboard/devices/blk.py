@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from ..backend import (
     DeviceError,
+    GuestMemory,
     QueueSpec,
     SplitQueue,
     VirtioDevice,
@@ -263,65 +264,74 @@ class BlkDevice(VirtioDevice):
                 if head >= size:
                     break
                 addr, length, flags, nxt = unpack_desc(desc, head << 4)
-                if flags == 4:  # VIRTQ_DESC_F_INDIRECT: a table of exactly three
-                    if length != 48 or not indirect_ok:
+                if flags == 4 and length != 48:
+                    # An indirect table of more segments: header, data..., status.
+                    done = self._serve_segments(memory, addr, length, writes_ok) \
+                        if indirect_ok else None
+                    if done is None:
                         break
-                    offset = addr - r_gpa
-                    if offset < 0 or offset + 48 > r_size:
-                        if (found := memory.region_of(addr, 48)) is None:
+                    written, status_view, status, is_read = done
+                    reads += is_read
+                else:
+                    if flags == 4:  # VIRTQ_DESC_F_INDIRECT: a table of exactly three
+                        if not indirect_ok:
+                            break
+                        offset = addr - r_gpa
+                        if offset < 0 or offset + 48 > r_size:
+                            if (found := memory.region_of(addr, 48)) is None:
+                                break
+                            r_gpa, r_size, r_view = found.spec.gpa, found.spec.size, found.view
+                            offset = addr - r_gpa
+                        (a0, l0, f0, n0, a1, l1, f1, n1,
+                         a2, l2, f2, _) = unpack_table(r_view, offset)
+                        if n0 != 1 or n1 != 2:
+                            break
+                    elif flags == 1 and nxt < size:  # VIRTQ_DESC_F_NEXT: a chain in the ring
+                        a0, l0, f0 = addr, length, flags
+                        a1, l1, f1, n1 = unpack_desc(desc, nxt << 4)
+                        if n1 >= size:
+                            break
+                        a2, l2, f2, _ = unpack_desc(desc, n1 << 4)
+                    else:
+                        break
+                    # header (readable, NEXT), data (NEXT, +WRITE for a read), status
+                    # (one writable byte, last); each inside one region, mostly the last.
+                    if f0 != 1 or l0 != 16 or f2 != 2 or l2 != 1 or not l1 or l1 & 511:
+                        break
+                    offset = a0 - r_gpa
+                    if offset < 0 or offset + 16 > r_size:
+                        if (found := memory.region_of(a0, 16)) is None:
                             break
                         r_gpa, r_size, r_view = found.spec.gpa, found.spec.size, found.view
-                        offset = addr - r_gpa
-                    (a0, l0, f0, n0, a1, l1, f1, n1,
-                     a2, l2, f2, _) = unpack_table(r_view, offset)
-                    if n0 != 1 or n1 != 2:
+                        offset = a0 - r_gpa
+                    kind, _, sector = unpack_header(r_view, offset)
+                    if sector + (l1 >> 9) > capacity:
                         break
-                elif flags == 1 and nxt < size:  # VIRTQ_DESC_F_NEXT: a chain in the ring
-                    a0, l0, f0 = addr, length, flags
-                    a1, l1, f1, n1 = unpack_desc(desc, nxt << 4)
-                    if n1 >= size:
-                        break
-                    a2, l2, f2, _ = unpack_desc(desc, n1 << 4)
-                else:
-                    break
-                # header (readable, NEXT), data (NEXT, +WRITE for a read), status
-                # (one writable byte, last); each inside one region, mostly the last.
-                if f0 != 1 or l0 != 16 or f2 != 2 or l2 != 1 or not l1 or l1 & 511:
-                    break
-                offset = a0 - r_gpa
-                if offset < 0 or offset + 16 > r_size:
-                    if (found := memory.region_of(a0, 16)) is None:
-                        break
-                    r_gpa, r_size, r_view = found.spec.gpa, found.spec.size, found.view
-                    offset = a0 - r_gpa
-                kind, _, sector = unpack_header(r_view, offset)
-                if sector + (l1 >> 9) > capacity:
-                    break
-                offset = a1 - r_gpa
-                if offset < 0 or offset + l1 > r_size:
-                    if (found := memory.region_of(a1, l1)) is None:
-                        break
-                    r_gpa, r_size, r_view = found.spec.gpa, found.spec.size, found.view
                     offset = a1 - r_gpa
-                data = r_view[offset:offset + l1]
-                status = a2 - r_gpa
-                if status < 0 or status >= r_size:
-                    if (found := memory.region_of(a2, 1)) is None:
-                        break
-                    r_gpa, r_size, r_view = found.spec.gpa, found.spec.size, found.view
+                    if offset < 0 or offset + l1 > r_size:
+                        if (found := memory.region_of(a1, l1)) is None:
+                            break
+                        r_gpa, r_size, r_view = found.spec.gpa, found.spec.size, found.view
+                        offset = a1 - r_gpa
+                    data = r_view[offset:offset + l1]
                     status = a2 - r_gpa
-                status_view = r_view
-                if kind == 0 and f1 == 3:
-                    if preadv(fd, (data,), sector << 9) != l1:
+                    if status < 0 or status >= r_size:
+                        if (found := memory.region_of(a2, 1)) is None:
+                            break
+                        r_gpa, r_size, r_view = found.spec.gpa, found.spec.size, found.view
+                        status = a2 - r_gpa
+                    status_view = r_view
+                    if kind == 0 and f1 == 3:
+                        if preadv(fd, (data,), sector << 9) != l1:
+                            break
+                        written = l1 + 1
+                        reads += 1
+                    elif kind == 1 and f1 == 1 and writes_ok:
+                        if pwritev(fd, (data,), sector << 9) != l1:
+                            break
+                        written = 1
+                    else:
                         break
-                    written = l1 + 1
-                    reads += 1
-                elif kind == 1 and f1 == 1 and writes_ok:
-                    if pwritev(fd, (data,), sector << 9) != l1:
-                        break
-                    written = 1
-                else:
-                    break
                 # A short or failed transfer left the request in the ring: the
                 # general path does it again and reports the error.
                 status_view[status] = 0
@@ -341,6 +351,52 @@ class BlkDevice(VirtioDevice):
         stats["read"] += reads
         stats["write"] += served - reads
         return served
+
+    def _serve_segments(self, memory: GuestMemory, gpa: int, length: int, writes_ok: bool,
+                        ) -> tuple[int, memoryview, int, int] | None:
+        """A read or write of several data segments in one indirect table at
+        ``gpa`` (``length`` bytes): done, and (bytes written, the status byte's
+        region view and offset, 1 if it was a read); None (nothing done, or a
+        short transfer to do again) for anything the general path must see."""
+        count = length >> 4
+        if (length & 15 or not 4 <= count <= self.queue_size
+                or (table := memory.region_of(gpa, length)) is None):
+            return None
+        offset = gpa - table.spec.gpa
+        entries = list(_desc.iter_unpack(table.view[offset:offset + length]))
+        hdr_gpa, hdr_len, hdr_flags, hdr_next = entries[0]
+        status_gpa, status_len, status_flags, _ = entries[-1]
+        data_flags = entries[1][2]
+        if (hdr_flags != 1 or hdr_len != 16 or hdr_next != 1 or status_flags != 2
+                or status_len != 1 or data_flags not in (1, 3)):
+            return None
+        buffers: list[memoryview] = []
+        total = 0
+        for index in range(1, count - 1):
+            seg_gpa, seg_len, seg_flags, seg_next = entries[index]
+            if seg_flags != data_flags or seg_next != index + 1 or not seg_len:
+                return None
+            if (region := memory.region_of(seg_gpa, seg_len)) is None:
+                return None
+            start = seg_gpa - region.spec.gpa
+            buffers.append(region.view[start:start + seg_len])
+            total += seg_len
+        header = memory.region_of(hdr_gpa, 16)
+        status = memory.region_of(status_gpa, 1)
+        if total & 511 or header is None or status is None:
+            return None
+        kind, _, sector = _header.unpack_from(header.view, hdr_gpa - header.spec.gpa)
+        if sector + (total >> 9) > self.capacity:
+            return None
+        if kind == BlkType.IN and data_flags == 3:
+            if os.preadv(self.fd, buffers, sector << 9) != total:
+                return None
+            return total + 1, status.view, status_gpa - status.spec.gpa, 1
+        if kind == BlkType.OUT and data_flags == 1 and writes_ok:
+            if os.pwritev(self.fd, buffers, sector << 9) != total:
+                return None
+            return 1, status.view, status_gpa - status.spec.gpa, 0
+        return None
 
     def _serve_chains(self, queue: SplitQueue, chains: list[Chain]) -> None:
         """The general path: any request shape, any type, one fdatasync per batch

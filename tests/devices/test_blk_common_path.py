@@ -25,7 +25,7 @@ from outboard.testing import DriverQueue, GuestRam
 SECTORS = 256
 IMAGE = random.Random(5).randbytes(SECTORS * 512)
 RAM_SIZE = 1 << 20
-RING = 32
+RING = 128
 NEXT, WRITE, INDIRECT = 1, 2, 4
 HIGH_GPA = 1 << 32  # where the second region of a two-region memory starts
 
@@ -51,6 +51,10 @@ class Request:
     loop: bool = False
     #: the buffers lie in the second memory region
     high: bool = False
+    #: the data in this many buffers (the last takes what does not divide)
+    segments: int = 1
+    #: an indirect table of this many bytes instead (None: as the buffers need)
+    table_len: int | None = None
 
 
 class Bench:
@@ -124,8 +128,13 @@ class Bench:
         writable = r.kind != 1 if r.data_writable is None else r.data_writable
         entries = [(hdr, r.header_len, 0)]
         if r.data_len:
-            data = self._buffer(r.data_len, b"\xaa", outside=r.outside == "data", high=r.high)
-            entries.append((data, r.data_len, WRITE if writable else 0))
+            segments = max(1, min(r.segments, r.data_len))
+            each = r.data_len // segments
+            sizes = [each] * (segments - 1) + [r.data_len - each * (segments - 1)]
+            for i, size in enumerate(sizes):
+                outside = r.outside == "data" and i == len(sizes) - 1
+                data = self._buffer(size, b"\xaa", outside=outside, high=r.high)
+                entries.append((data, size, WRITE if writable else 0))
         status = self._buffer(r.status_len, b"\xff", outside=r.outside == "status", high=r.high)
         entries.append((status, r.status_len, WRITE))
         if r.indirect:
@@ -140,10 +149,11 @@ class Bench:
                     nxt = order[i]
                 _desc.pack_into(table, order[i] * 16, gpa, length,
                                 flags | (0 if last else NEXT), nxt)
-            table_gpa = self.ram.alloc(len(table), 16)
+            table_gpa = self.ram.alloc(len(table) + 16, 16)
             self.ram.write(table_gpa, bytes(table))
+            table_len = len(table) if r.table_len is None else r.table_len
             head = self.driver.free.pop()
-            self.driver.write_desc(head, table_gpa, len(table), INDIRECT, 0)
+            self.driver.write_desc(head, table_gpa, table_len, INDIRECT, 0)
             self.driver.in_flight[head] = [head]
         else:
             indices = [self.driver.free.pop() for _ in entries]
@@ -208,6 +218,8 @@ requests = st.builds(
     outside=st.sampled_from(["", "", "", "", "header", "data", "status"]),
     shuffled=st.sampled_from([False, False, False, True]),
     loop=st.sampled_from([False, False, False, True]),
+    segments=st.sampled_from([1, 1, 2, 3, 8]),
+    table_len=st.sampled_from([None, None, None, None, 0, 8, 32, 40, 64, 4096 * 16]),
     high=st.booleans(),
 )
 
@@ -225,6 +237,19 @@ def test_common_path_does_what_the_general_path_does(
     common, general, _ = _both(tmp, batch, read_only=read_only, writeback=writeback,
                                two_regions=two_regions)
     assert common == general
+
+
+@pytest.mark.parametrize("two_regions", [False, True])
+def test_reads_and_writes_of_several_segments_take_the_common_path(
+        tmp_path: Path, two_regions: bool) -> None:
+    batch = [Request(kind=i % 2, sector=16 * i, data_len=8192, segments=1 + i % 4,
+                     high=two_regions and i % 3 == 0) for i in range(8)]
+    common, general, served = _both(tmp_path, batch, two_regions=two_regions)
+    assert common == general
+    used, _, image, refused = common
+    assert served == 8 and refused == 0
+    assert sorted(n for _, n in used) == [1] * 4 + [8193] * 4
+    assert image != IMAGE
 
 
 @pytest.mark.parametrize("indirect", [True, False])
@@ -252,6 +277,11 @@ def test_write_through_writes_take_the_general_path(tmp_path: Path) -> None:
     Request(outside="data"), Request(outside="status"), Request(outside="header"),
     Request(kind=1, outside="data"), Request(sector=SECTORS - 7), Request(sector=2**64 - 8),
     Request(data_len=100), Request(shuffled=True), Request(loop=True),
+    Request(segments=3, loop=True), Request(segments=3, shuffled=True),
+    Request(segments=3, data_len=1000), Request(segments=4, outside="data"),
+    Request(segments=2, table_len=40), Request(segments=2, table_len=32),
+    Request(kind=1, segments=2, sector=SECTORS - 7), Request(segments=2, status_len=2),
+    Request(kind=1, segments=2, data_writable=True), Request(segments=2, header_len=8),
     Request(loop=True, indirect=False), Request(data_writable=False),
     Request(kind=1, data_writable=True), Request(status_len=2), Request(header_len=8),
 ], ids=repr)
