@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -193,20 +193,38 @@ def make_sectors(workload: Workload, capacity: int, seed: int) -> list[int]:
     return [i * per_block for i in range(blocks)]
 
 
-async def _session(args: argparse.Namespace, socket_path: str, backend_pid: int | None,
-                   workload: Workload, qd: int, capacity: int) -> RunResult:
+@contextlib.asynccontextmanager
+async def open_blk_driver(socket_path: str, ram_size: int, queue_sizes: Sequence[int], *,
+                          event_idx: bool = True) -> AsyncIterator[VhostUserDriver]:
+    """Connect to a vhost-user-blk back-end, take the benchmark's features (indirect
+    descriptors required), start the queues; stop them again on the way out."""
     fe = await _connect(socket_path)
-    ram_size = 2 * MIB + qd * (workload.block_size + 4 * KIB)
     ram = GuestRam((ram_size + MIB - 1) // MIB * MIB)
     driver = VhostUserDriver(fe, ram)
     try:
-        features = await driver.negotiate(wanted_features(not args.no_event_idx))
+        features = await driver.negotiate(wanted_features(event_idx))
         if not features >> Feature.RING_INDIRECT_DESC & 1:
             raise FrontendError("the back-end does not offer indirect descriptors")
+        await driver.start(queue_sizes)
+        yield driver
+        with trio.fail_after(10):
+            await driver.stop()
+    finally:
+        driver.close()
+        await fe.aclose()
+        ram.close()
+
+
+async def _session(args: argparse.Namespace, socket_path: str, backend_pid: int | None,
+                   workload: Workload, qd: int, capacity: int) -> RunResult:
+    ram_size = 2 * MIB + qd * (workload.block_size + 4 * KIB)
+    async with open_blk_driver(socket_path, ram_size, [args.queue_size],
+                               event_idx=not args.no_event_idx) as driver:
+        features = driver.features
+        fe = driver.frontend
         if fe.protocol_features >> ProtocolFeature.CONFIG & 1:
             config = await fe.get_config(0, 8)
             capacity = int.from_bytes(config, "little")
-        await driver.start([args.queue_size])
         ring = BlkRing(driver, qd, workload.block_size)
         with _Watchdog(30):
             problem = ring.roundtrip(capacity - 8)
@@ -221,12 +239,6 @@ async def _session(args: argparse.Namespace, socket_path: str, backend_pid: int 
             phase = ring.run(args.duration, qd, spin_ns=spin_ns)
             after = CpuSnapshot.take(backend_pid)
             ring.drain()
-        with trio.fail_after(10):
-            await driver.stop()
-    finally:
-        driver.close()
-        await fe.aclose()
-        ram.close()
     phase.latencies_ns.sort()
     usage = Usage.between(before, after, args.fe_core, args.be_core if backend_pid else None,
                           fe_realtime=bool(args.realtime), be_realtime=bool(args.realtime))

@@ -31,20 +31,17 @@ from dataclasses import dataclass
 
 import trio
 
-from outboard.backend.virtio import Feature
-from outboard.testing import GuestRam, VhostUserDriver
 from outboard.testing.vhost_user import FrontendError
 
 from .blk import (
     KIB,
     MIB,
     WORKLOADS,
-    _connect,
     _workdir,
     machine_info,
     make_sectors,
+    open_blk_driver,
     parse_size,
-    wanted_features,
 )
 from .procs import BACKENDS, BackendProcess, family_cpu, make_image
 from .ring import BLK_T_IN, SECTOR, BlkRing
@@ -87,14 +84,8 @@ def _child(ring: BlkRing, qd: int, sectors: list[int],
 
 async def session(args: argparse.Namespace, socket_path: str, backend_pid: int,
                   queues: int, capacity: int) -> MqResult:
-    fe = await _connect(socket_path)
-    ram = GuestRam(2 * MIB + queues * args.qd * 8 * KIB + queues * MIB)
-    driver = VhostUserDriver(fe, ram)
-    try:
-        features = await driver.negotiate(wanted_features(True))
-        if not features >> Feature.RING_INDIRECT_DESC & 1:
-            raise FrontendError("the back-end does not offer indirect descriptors")
-        await driver.start([args.queue_size] * queues)
+    ram_size = 2 * MIB + queues * args.qd * 8 * KIB + queues * MIB
+    async with open_blk_driver(socket_path, ram_size, [args.queue_size] * queues) as driver:
         # Every ring is laid out here, before the fork, so that each has RAM of its own.
         rings = [BlkRing(driver, args.qd, 4 * KIB, index=i) for i in range(queues)]
         for ring in rings:
@@ -134,12 +125,6 @@ async def session(args: argparse.Namespace, socket_path: str, backend_pid: int,
             os.waitpid(pid, 0)
         for fd in (ready_r, ready_w, go_r, go_w, out_r, out_w):
             os.close(fd)
-        with trio.fail_after(10):
-            await driver.stop()
-    finally:
-        driver.close()
-        await fe.aclose()
-        ram.close()
     seconds = statistics.mean(x["seconds"] for x in lines)
     return MqResult(backend="", queues=queues, qd=args.qd,
                     completed=int(sum(x["completed"] for x in lines)),
