@@ -217,21 +217,11 @@ class ProcessQueueRunner(QueueRunner):
             self.process.restart(lambda: None)
 
     def set_call(self, fd: OwnedFd | None) -> None:
-        def swap() -> None:
-            old, self.call = self.call, fd
-            if old is not None:
-                old.close()
-        self._change(swap)
-        if self.running:
-            # As in-process: a swap may race with a publish; signal the new fd once.
-            self.signal()
+        # The child has the old call fd: a new child for the new one.
+        self._change(lambda: super(ProcessQueueRunner, self).set_call(fd))
 
     def set_err(self, fd: OwnedFd | None) -> None:
-        def swap() -> None:
-            old, self.err = self.err, fd
-            if old is not None:
-                old.close()
-        self._change(swap)
+        self._change(lambda: super(ProcessQueueRunner, self).set_err(fd))
 
     def _change(self, change: Callable[[], None]) -> None:
         if self.started:

@@ -226,16 +226,29 @@ async def test_a_queue_that_never_empties_still_stops_at_once(tmp_path: Path) ->
             os.waitpid(helper, 0)
 
 
-def test_queue_processes_die_with_the_back_end(tmp_path: Path, image: Path) -> None:
+def two_queue_cli(tmp_path: Path, image: Path, **popen: object,
+                  ) -> tuple[str, subprocess.Popen[str]]:
+    """``outboard blk`` with two queues in processes of their own: its socket path
+    and its process."""
     sock = str(tmp_path / "blk.sock")
     proc = subprocess.Popen([sys.executable, "-m", "outboard", "blk", "--socket-path", sock,
                              "--blk-file", str(image), "--num-queues", "2",
-                             "--queue-processes"], stderr=subprocess.PIPE, text=True)
+                             "--queue-processes"], stderr=subprocess.PIPE, text=True,
+                            **popen)  # type: ignore[call-overload]
+    return sock, proc
+
+
+async def wait_for_socket(path: str) -> None:
+    with trio.fail_after(20):
+        while not os.path.exists(path):
+            await trio.sleep(0.05)
+
+
+def test_queue_processes_die_with_the_back_end(tmp_path: Path, image: Path) -> None:
+    sock, proc = two_queue_cli(tmp_path, image)
 
     async def run() -> None:
-        with trio.fail_after(20):
-            while not os.path.exists(sock):
-                await trio.sleep(0.05)
+        await wait_for_socket(sock)
         async with open_device(sock, [64, 64], ram_size=4 << 20) as driver:
             status, _ = await request(driver, 1, BlkType.IN, 0, in_size=512)
             assert status == BlkStatus.OK
@@ -260,16 +273,10 @@ def test_queue_processes_die_with_the_back_end(tmp_path: Path, image: Path) -> N
 
 def test_ctrl_c_to_the_process_group_stops_everything_in_order(tmp_path: Path,
                                                                image: Path) -> None:
-    sock = str(tmp_path / "blk.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "outboard", "blk", "--socket-path", sock,
-                             "--blk-file", str(image), "--num-queues", "2",
-                             "--queue-processes"], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    sock, proc = two_queue_cli(tmp_path, image, start_new_session=True)
 
     async def run() -> None:
-        with trio.fail_after(20):
-            while not os.path.exists(sock):
-                await trio.sleep(0.05)
+        await wait_for_socket(sock)
         async with open_device(sock, [64, 64], ram_size=4 << 20) as driver:
             status, _ = await request(driver, 0, BlkType.IN, 0, in_size=512)
             assert status == BlkStatus.OK
