@@ -377,7 +377,8 @@ class NetDevice(VirtioDevice):
             if checked is None:
                 return
             packet = checked
-        ring.put(packet)
+        if ring.put(packet) == RxStatus.OK and n > ring.max_packet:
+            self.stats.rx_gso += 1
 
     def deliver_burst(self, packets: list[memoryview], pair: int = 0) -> int:
         """``deliver`` each of ``packets`` in order; how many were taken (fewer
