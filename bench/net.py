@@ -261,7 +261,11 @@ def measure(kind: str, mode: str, size: int, *, warmup: float, seconds: float,
             front.stop()
     samples = [s / 1e6 for s in _samples(window, key)]
     note = "" if samples else "no throughput lines from testpmd"
-    if not samples:
+    if samples and not any(samples):
+        # Nothing moved in the whole window: a stall, reported as one (with both
+        # sides' output), never a measurement.
+        note = "stalled: no frames in the window"
+    if note:
         print(front.output[-3000:], file=sys.stderr)
         print(back.output[-3000:], file=sys.stderr)
     return Measurement(kind, mode, size, statistics.median(samples) if samples else 0.0,

@@ -149,8 +149,8 @@ def _write_used(used: memoryview, used_idx: int, size: int, entries: array[int])
     return (used_idx + n) & 0xFFFF
 
 
-#: the longest run of descriptors read in one go (bounds the cached unpackers)
-RUN_MAX = 64
+#: the longest run of descriptors read in one go
+RUN_MAX = 256
 #: 0, 1, 2, ...: a slice of the available ring equal to a slice of this names
 #: consecutive descriptors
 _CONSECUTIVE = memoryview(array("H", range(1 << 15)))
@@ -158,6 +158,12 @@ _run_unpackers: dict[int, Callable[[memoryview, int], tuple[int, ...]]] = {}
 #: (i, 0) for every descriptor i: a run's used entries are a slice of this
 _RUN_ENTRIES = array("I", bytes(8 << 15))
 _RUN_ENTRIES[0::2] = array("I", range(1 << 15))
+
+
+def run_length(n: int) -> int:
+    """How many of ``n`` (> 0) slots to take as one run: at most ``RUN_MAX``,
+    and a power of two, so a handful of unpackers serve every run."""
+    return 1 << (min(n, RUN_MAX).bit_length() - 1)
 
 
 def consecutive(avail: memoryview, start: int, k: int, size: int) -> int:
@@ -239,7 +245,7 @@ class TxRing:
                 start = queue.last_avail_idx & mask
                 end = min(start + count, mask + 1)
                 if capture is None:
-                    done = self._run(start, min(end - start, RUN_MAX), avail, desc, used, send)
+                    done = self._run(start, run_length(end - start), avail, desc, used, send)
                     if done < 0:
                         break  # backpressure
                     if done:
@@ -623,9 +629,10 @@ class RxRing:
             if not self._count:
                 self._refill()
             start = self._last & self._mask
-            k = min(total - done, self._count, size - start, RUN_MAX)
+            k = min(total - done, self._count, size - start)
             if k <= 0:
                 break
+            k = run_length(k)
             first = consecutive(avail, start, k, size)
             if first < 0:
                 break
