@@ -126,11 +126,14 @@ def complete(used: memoryview, used_idx: int, size: int, heads: list[int], writt
 
 
 def complete_run(used: memoryview, used_idx: int, size: int, first: int, k: int,
-                 written: Sequence[int] | None = None) -> int:
+                 written: int | Sequence[int] = 0) -> int:
     """Write used entries for heads ``first`` to ``first + k - 1`` with lengths
-    ``written`` (None: 0 each) from ``used_idx``; the new used index."""
+    ``written`` (one for all, or one each) from ``used_idx``; the new used index."""
     entries = _RUN_ENTRIES[2 * first:2 * (first + k)]
-    if written is not None:
+    if isinstance(written, int):
+        if written:
+            entries[1::2] = array("I", (written,)) * k
+    else:
         entries[1::2] = array("I", written)
     return _write_used(used, used_idx, size, entries)
 
@@ -803,6 +806,10 @@ class RxRing:
             if not self.stash:
                 desc, used = self._desc, self._used
                 start = self._last & self._mask
+                k = self._fill_run(packet, start)
+                if k:
+                    copied += k
+                    continue
                 heads = self._avail[2 + start:2 + min(start + self._count, self._size)].tolist()
                 r_gpa, r_size, view = self._r_gpa, self._r_size, self._r_view
                 i = 0
@@ -834,6 +841,30 @@ class RxRing:
             for _ in range(copied):
                 self.capture(memoryview(packet)[HEADER_SIZE:])
         return copied + put
+
+    def _fill_run(self, packet: bytes, start: int) -> int:
+        """``fill`` for a run of buffers from slot ``start`` whose descriptors are
+        consecutive, each one writable buffer in the cached region with room
+        for ``packet``; how many (0: not such a run)."""
+        size = self._size
+        k = run_length(min(self._count, size - start))
+        first = consecutive(self._avail, start, k, size)
+        if first < 0:
+            return 0
+        fields = read_run(self._desc, first, k)
+        addrs = fields[0::4]
+        n = len(packet)
+        r_gpa, r_view = self._r_gpa, self._r_view
+        if (fields[2::4].count(VIRTQ_DESC_F_WRITE) != k or min(fields[1::4]) < n
+                or min(addrs) < r_gpa or max(addrs) + max(fields[1::4]) > r_gpa + self._r_size):
+            return 0
+        for addr in addrs:
+            offset = addr - r_gpa
+            r_view[offset:offset + n] = packet
+        self._uidx = complete_run(self._used, self._uidx, size, first, k, n)
+        self._last = (self._last + k) & 0xFFFF
+        self._count -= k
+        return k
 
     # -- frames from a tap -------------------------------------------------
 
