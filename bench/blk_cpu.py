@@ -21,9 +21,9 @@ import random
 import struct
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 
+from bench.cpu import serve_all
 from outboard.backend import Feature, SplitQueue, bit
 from outboard.devices.blk import BlkDevice
 from outboard.testing import Buffer, DriverQueue, GuestRam
@@ -74,15 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     driver.offer([Buffer(h, 16), *data, Buffer(s, 1, writable=True)],
                                  indirect=True)
                 driver.publish()
-                if profile is not None:
-                    profile.enable()
-                start = time.perf_counter()
-                while queue.last_avail_idx != driver.avail_idx:
-                    device.process(queue)
-                    queue.publish()
-                spent += time.perf_counter() - start
-                if profile is not None:
-                    profile.disable()
+                spent += serve_all(device, queue, driver, profile)
                 done = driver.collect()
                 if len(done) != args.depth or any(ram.read(s, 1) != b"\0" for _, _, s in slots):
                     raise SystemExit("a request failed")

@@ -23,9 +23,9 @@ import argparse
 import cProfile
 import pstats
 import sys
-import time
 from collections.abc import Sequence
 
+from bench.cpu import serve_all
 from outboard.backend import Feature, SplitQueue, bit
 from outboard.backend.virtqueue.split import VIRTQ_DESC_F_WRITE
 from outboard.devices.net import Loopback, NetDevice, NetFeature, udp_frame
@@ -86,15 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for gpa in tx_slots:
                 offer(tx_driver, gpa, len(packet), 0)
             tx_driver.publish()
-            if profile is not None:
-                profile.enable()
-            start = time.perf_counter()
-            while tx_queue.last_avail_idx != tx_driver.avail_idx:
-                device.process(tx_queue)
-                tx_queue.publish()
-            spent += time.perf_counter() - start
-            if profile is not None:
-                profile.disable()
+            spent += serve_all(device, tx_queue, tx_driver, profile)
             received = rx_driver.collect()
             if len(tx_driver.collect()) != depth or len(received) != depth:
                 raise SystemExit("a frame was lost")
