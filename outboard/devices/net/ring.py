@@ -538,6 +538,23 @@ class RxRing:
             offset = addr - self._r_gpa
         return head, self._r_view[offset:offset + length]
 
+    def _writable_run(self, start: int, k: int, room: int) -> tuple[int, tuple[int, ...]] | None:
+        """(first head, buffer addresses) of the ``k`` available entries from slot
+        ``start`` if their descriptors are consecutive in the table, each one
+        writable buffer of at least ``room`` bytes in the cached region; else
+        None. Every check is over the whole run at once."""
+        first = consecutive(self._avail, start, k, self._size)
+        if first < 0:
+            return None
+        fields = read_run(self._desc, first, k)
+        addrs = fields[0::4]
+        sizes = fields[1::4]
+        r_gpa = self._r_gpa
+        if (fields[2::4].count(VIRTQ_DESC_F_WRITE) != k or min(sizes) < room
+                or min(addrs) < r_gpa or max(addrs) + max(sizes) > r_gpa + self._r_size):
+            return None
+        return first, addrs
+
     # -- frames from inside the process ------------------------------------
 
     def put(self, packet: memoryview | bytes | bytearray) -> int:
@@ -622,9 +639,8 @@ class RxRing:
                 or (not self.guest_csum and any(map(_first_byte, packets)))):
             return 0
         total = len(packets)
-        avail, desc, used = self._avail, self._desc, self._used
+        used = self._used
         r_gpa, r_view = self._r_gpa, self._r_view
-        r_end = r_gpa + self._r_size
         size = self._size
         capture = self.capture
         done = 0
@@ -636,15 +652,11 @@ class RxRing:
             if k <= 0:
                 break
             k = run_length(k)
-            first = consecutive(avail, start, k, size)
-            if first < 0:
-                break
-            fields = read_run(desc, first, k)
-            addrs = fields[0::4]
             run = lengths[done:done + k]
-            if (fields[2::4].count(VIRTQ_DESC_F_WRITE) != k or min(fields[1::4]) < max(run)
-                    or min(addrs) < r_gpa or max(addrs) + max(fields[1::4]) > r_end):
+            found = self._writable_run(start, k, max(run))
+            if found is None:
                 break
+            first, addrs = found
             chunk = packets[done:done + k] if k < total else packets
             for addr, packet, n in zip(addrs, chunk, run, strict=True):
                 offset = addr - r_gpa
@@ -848,16 +860,12 @@ class RxRing:
         for ``packet``; how many (0: not such a run)."""
         size = self._size
         k = run_length(min(self._count, size - start))
-        first = consecutive(self._avail, start, k, size)
-        if first < 0:
-            return 0
-        fields = read_run(self._desc, first, k)
-        addrs = fields[0::4]
         n = len(packet)
-        r_gpa, r_view = self._r_gpa, self._r_view
-        if (fields[2::4].count(VIRTQ_DESC_F_WRITE) != k or min(fields[1::4]) < n
-                or min(addrs) < r_gpa or max(addrs) + max(fields[1::4]) > r_gpa + self._r_size):
+        found = self._writable_run(start, k, n)
+        if found is None:
             return 0
+        first, addrs = found
+        r_gpa, r_view = self._r_gpa, self._r_view
         for addr in addrs:
             offset = addr - r_gpa
             r_view[offset:offset + n] = packet
