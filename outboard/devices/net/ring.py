@@ -814,14 +814,13 @@ class RxRing:
         copied = 0  # by the loop below; ``put`` counts its own
         put = 0
         while self.room():
-            heads: list[int] = []
             if not self.stash:
-                desc, used = self._desc, self._used
                 start = self._last & self._mask
                 k = self._fill_run(packet, start)
                 if k:
                     copied += k
                     continue
+                desc, used = self._desc, self._used
                 heads = self._avail[2 + start:2 + min(start + self._count, self._size)].tolist()
                 r_gpa, r_size, view = self._r_gpa, self._r_size, self._r_view
                 i = 0
