@@ -294,8 +294,10 @@ def test_dpdk_layout_goes_in_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         stats = rig.device.stats
         assert stats.tx_packets == stats.rx_packets == 3 * RING
         assert stats.rx_dropped == 0
-        # Each round: one run on the transmit side, one on the receive side.
+        # Each round: one run on the transmit side, one on the receive side,
+        # one look at the transmit ring that found packets.
         assert sum(read) == 2 * 3 * RING
+        assert stats.tx_bursts == 3
     finally:
         rig.close()
 
@@ -330,8 +332,10 @@ def test_a_dropped_packet_behind_held_ones_is_counted_once() -> None:
         stats = rig.device.stats
         assert (stats.tx_packets, stats.tx_oversize, stats.tx_gso) == (0, 0, 0)
         assert rig.queues[1].used_idx == 0
+        assert stats.tx_bursts == 0  # looks that sent nothing are not bursts
         rig.run([([RX] * 4, [])])
         assert (stats.tx_packets, stats.tx_oversize, stats.tx_gso) == (3, 1, 1)
+        assert stats.tx_bursts == 1
         assert (stats.rx_packets, stats.rx_gso) == (3, 1)
         assert rig.queues[1].used_idx == 4
     finally:

@@ -62,6 +62,9 @@ class NetStats:
     tx_errors: int = 0
     #: longer than the MTU, passed on as GSO frames (segmentation offload)
     tx_gso: int = 0
+    #: looks at the transmit ring that found packets (tx_packets / tx_bursts:
+    #: packets taken per look, the batch the per-look costs are spread over)
+    tx_bursts: int = 0
     rx_packets: int = 0
     rx_bytes: int = 0
     #: no receive buffer (or not enough of them for one frame): the ring was full
@@ -262,7 +265,10 @@ class TxRing:
                     break
         finally:
             self._region = _NO_REGION
-        return self.stats.tx_packets - before
+        sent = self.stats.tx_packets - before
+        if sent:
+            self.stats.tx_bursts += 1
+        return sent
 
     def _run(self, start: int, k: int, avail: memoryview, desc: memoryview, used: memoryview,
              send: Callable[[list[memoryview], int], int]) -> int:
