@@ -210,6 +210,9 @@ class Measurement:
     backend_waited: float
     driver_waited: float
     note: str = ""
+    #: outboard's transmitted packets per look at the transmit ring that found
+    #: some, over the whole run (from its closing counters); None if unknown
+    per_burst: float | None = None
 
     @property
     def fair(self) -> bool:
@@ -221,6 +224,17 @@ class Measurement:
 
 
 _PPS = re.compile(r"(Rx|Tx)-pps:\s+(\d+)")
+_TX_COUNTERS = re.compile(r"tx_packets (\d+),.* tx_bursts (\d+)")
+
+
+def _per_burst(output: str) -> float | None:
+    """Packets per transmit burst from outboard's last counters line (logged
+    when the driver goes away)."""
+    found = _TX_COUNTERS.findall(output)
+    if not found:
+        return None
+    packets, bursts = map(int, found[-1])
+    return packets / bursts if bursts else None
 
 
 def _samples(lines: Sequence[str], key: str) -> list[int]:
@@ -270,7 +284,8 @@ def measure(kind: str, mode: str, size: int, *, warmup: float, seconds: float,
         print(back.output[-3000:], file=sys.stderr)
     return Measurement(kind, mode, size, statistics.median(samples) if samples else 0.0,
                        samples, cpu_back.share, cpu_front.share, cpu_back.waited,
-                       cpu_front.waited, note)
+                       cpu_front.waited, note,
+                       _per_burst(back.output) if kind == "outboard" else None)
 
 
 # --------------------------------------------------------------------------- the run
@@ -404,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             results.runs.append(m)
                             flag = "" if m.fair else "  (left out: " + (
                                 m.note or "a side did not have its core") + ")"
+                            if m.per_burst is not None:
+                                flag = f", {m.per_burst:.0f} packets per tx burst{flag}"
                             print(f"round {rnd + 1} {mode:<6} {size:>4} B {kind:<10} "
                                   f"{m.mpps:7.3f} Mpps  back-end ran {m.backend_cpu:4.0%} "
                                   f"waited {m.backend_waited:4.0%}, testpmd ran "
