@@ -210,7 +210,7 @@ class Measurement:
     backend_waited: float
     driver_waited: float
     note: str = ""
-    #: outboard's transmitted packets per look at the transmit ring that found
+    #: outboard's transmitted packets per look at the transmit ring that sent
     #: some, over the whole run (from its closing counters); None if unknown
     per_burst: float | None = None
 

@@ -62,7 +62,7 @@ class NetStats:
     tx_errors: int = 0
     #: longer than the MTU, passed on as GSO frames (segmentation offload)
     tx_gso: int = 0
-    #: looks at the transmit ring that found packets (tx_packets / tx_bursts:
+    #: looks at the transmit ring that sent packets (tx_packets / tx_bursts:
     #: packets taken per look, the batch the per-look costs are spread over)
     tx_bursts: int = 0
     rx_packets: int = 0
