@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 import trio
@@ -24,6 +25,10 @@ log = logging.getLogger("outboard.runtime")
 _ONE = (1).to_bytes(8, "little")
 #: how often a queue without a kick fd (the front-end asked for polling) is polled
 POLL_INTERVAL = 0.001
+#: how long a worker goes on with a queue that keeps having work before it
+#: lets other tasks run (other queues and devices, the front-end's messages)
+SLICE = 0.002
+_clock = time.perf_counter
 
 
 def _signal(fd: OwnedFd | None) -> None:
@@ -76,12 +81,14 @@ class QueueRunner:
 
     def drain(self, rounds: int = 64) -> bool:
         """Let the device process available chains, publishing and interrupting
-        once per batch; True if work is left after ``rounds`` batches (the
-        worker then lets other tasks run before it goes on)."""
+        once per batch; True if work is left after ``rounds`` batches or after
+        ``SLICE`` seconds (the worker then lets other tasks run before it goes
+        on)."""
         queue = self.queue
         if not queue.enabled or not queue.ready:
             return False
         device = self.state.device
+        deadline = _clock() + SLICE
         for _ in range(rounds):
             before = queue.last_avail_idx
             try:
@@ -101,6 +108,8 @@ class QueueRunner:
                 self.signal()
             if not more or queue.last_avail_idx == before:
                 return False
+            if _clock() > deadline:
+                return True
         return True
 
     def kick_now(self) -> None:
