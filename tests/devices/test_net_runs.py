@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from outboard.backend import Feature, GuestMemory, MemoryRegion, SplitQueue, bit
 from outboard.backend.memory import RegionSpec
 from outboard.devices.net import Loopback, NetDevice, NetFeature, Port, udp_frame
+from outboard.devices.net import device as net_device
 from outboard.devices.net import ring as net_ring
 from outboard.devices.net.wire import HEADER_SIZE
 from outboard.testing import DriverQueue, GuestRam
@@ -338,5 +339,60 @@ def test_a_dropped_packet_behind_held_ones_is_counted_once() -> None:
         assert stats.tx_bursts == 1
         assert (stats.rx_packets, stats.rx_gso) == (3, 1)
         assert rig.queues[1].used_idx == 4
+    finally:
+        rig.close()
+
+
+class Refilling(Port):
+    """A driver on another core that keeps the transmit ring full: whatever a
+    look at the ring sent is offered again before the next look. Drops what it
+    is sent; gives up (raises) after ``limit`` packets, so a device that
+    never returns fails instead of hanging."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sent = 0
+        self.rig: Rig | None = None
+        self._frame = bytes(HEADER_SIZE) + udp_frame(60)
+
+    def send_burst(self, packets: list[memoryview], pair: int) -> int:
+        self.sent += len(packets)
+        if self.sent > self.limit:
+            raise RuntimeError(f"still sending after {self.sent} packets in one call")
+        # As soon as the device has taken them, the driver offers as many again.
+        assert self.rig is not None
+        driver = self.rig.drivers[1]
+        for _ in packets:
+            head = driver.avail_idx % RING
+            gpa = HALF - SLOT * (RING - head)  # the top of the low region
+            driver.write_desc(head, gpa, len(self._frame), 0, 0)
+            self.rig.ram.write(gpa, self._frame)
+            driver.make_available(head)
+        driver.publish()
+        return len(packets)
+
+
+def test_a_transmit_ring_that_never_empties_lets_process_return(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device keeps looking at a busy transmit ring instead of waiting for
+    the next kick, but one ``process`` call takes a bounded share: the runtime
+    must get to publish, and to let other tasks (other queues and devices, the
+    vhost-user connection) run."""
+    monkeypatch.setattr(net_device, "BUSY_BURST", 4)  # a ring of 16 counts as busy
+    port = Refilling(limit=1 << 16)
+    rig = Rig(mergeable=False, guest_csum=True, port=port)
+    port.rig = rig
+    try:
+        tx_driver, tx_queue = rig.drivers[1], rig.queues[1]
+        port.send_burst([memoryview(b"")] * RING, 0)  # the first ring full
+        port.sent = 0
+        for _ in range(3):
+            before = port.sent
+            rig.device.process(tx_queue)
+            tx_queue.publish()
+            assert 0 < port.sent - before <= net_device.TX_BUDGET + RING
+        assert len(tx_driver.collect()) == port.sent
+        assert rig.device.stats.tx_packets == port.sent
     finally:
         rig.close()

@@ -227,9 +227,12 @@ class TxRing:
         self._region: tuple[int, int, memoryview] = _NO_REGION
 
     def drain(self, send: Callable[[list[memoryview], int], int],
-              capture: Callable[[memoryview], None] | None = None) -> int:
-        """Hand every available packet to ``send(packets, pair)`` in bursts; return
-        how many were sent.
+              capture: Callable[[memoryview], None] | None = None,
+              limit: int = 0) -> int:
+        """Hand every available packet to ``send(packets, pair)`` in bursts (or,
+        with a ``limit``, stop once that many chains were taken: a driver
+        that keeps the ring full cannot keep the caller here); return how many
+        packets were sent.
 
         ``send`` takes a list of packets and returns how many it took: fewer
         than all means the port pushed back, and the packets it did not take
@@ -245,9 +248,12 @@ class TxRing:
         avail, desc, used = views
         mask = queue.size - 1
         before = self.stats.tx_packets
+        first_idx = queue.last_avail_idx
         self._region = _first_region(queue.memory)
         try:
             while count := queue.available():
+                if limit and (queue.last_avail_idx - first_idx) & 0xFFFF >= limit:
+                    break
                 start = queue.last_avail_idx & mask
                 end = min(start + count, mask + 1)
                 if capture is None:
