@@ -344,33 +344,41 @@ def test_a_dropped_packet_behind_held_ones_is_counted_once() -> None:
 
 
 class Refilling(Port):
-    """A driver on another core that keeps the transmit ring full: whatever a
-    look at the ring sent is offered again before the next look. Drops what it
-    is sent; gives up (raises) after ``limit`` packets, so a device that
-    never returns fails instead of hanging."""
+    """A driver on another core that keeps the transmit ring full: whatever the
+    device completed is offered again before its next look at the ring. Drops
+    what it is sent; gives up (raises) after ``limit`` packets, so a device
+    that never returns fails instead of hanging."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
         self.sent = 0
         self.rig: Rig | None = None
+        self._taken = 0
         self._frame = bytes(HEADER_SIZE) + udp_frame(60)
 
     def send_burst(self, packets: list[memoryview], pair: int) -> int:
         self.sent += len(packets)
         if self.sent > self.limit:
             raise RuntimeError(f"still sending after {self.sent} packets in one call")
-        # As soon as the device has taken them, the driver offers as many again.
+        self._taken += len(packets)
+        return len(packets)
+
+    def end_batch(self) -> None:
+        # The burst is completed: the driver offers as many packets again.
+        self.offer(self._taken)
+        self._taken = 0
+
+    def offer(self, count: int) -> None:
         assert self.rig is not None
         driver = self.rig.drivers[1]
-        for _ in packets:
+        for _ in range(count):
             head = driver.avail_idx % RING
             gpa = HALF - SLOT * (RING - head)  # the top of the low region
             driver.write_desc(head, gpa, len(self._frame), 0, 0)
             self.rig.ram.write(gpa, self._frame)
             driver.make_available(head)
         driver.publish()
-        return len(packets)
 
 
 def test_a_transmit_ring_that_never_empties_lets_process_return(
@@ -385,8 +393,7 @@ def test_a_transmit_ring_that_never_empties_lets_process_return(
     port.rig = rig
     try:
         tx_driver, tx_queue = rig.drivers[1], rig.queues[1]
-        port.send_burst([memoryview(b"")] * RING, 0)  # the first ring full
-        port.sent = 0
+        port.offer(RING)  # the first ring full
         for _ in range(3):
             before = port.sent
             rig.device.process(tx_queue)
