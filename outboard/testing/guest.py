@@ -103,6 +103,8 @@ MODULES_ROOT = Path("/lib/modules")
 BEGIN_MARKER = "=====OUTBOARD-SCRIPT-BEGIN====="
 END_MARKER = "=====OUTBOARD-SCRIPT-END====="
 _END_RE = re.compile(r"\n" + re.escape(END_MARKER) + r" status=(\d+)\r?\n")
+#: the init's console line after the script (see ``_INIT_TEMPLATE``)
+_EXITED_RE = re.compile(r"outboard-init: script exited with status (\d+), powering off")
 
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 _PVH_VERSION = 1
@@ -861,18 +863,27 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def parse_output(raw: str) -> tuple[int, str] | None:
-    """Return ``(status, output)`` from the script port's text, or None if unfinished."""
+def parse_output(raw: str, console: str = "") -> tuple[int, str] | None:
+    """Return ``(status, output)`` from the script port's text, or None if unfinished.
+
+    The script port's last bytes can be lost when the guest powers off (seen
+    after the VM was paused and resumed, though the init drains the port
+    first); then the init's line on the ``console``, written after them,
+    gives the status, and the output is what arrived.
+    """
     raw = raw.replace("\r\n", "\n")
     begin = raw.find(BEGIN_MARKER + "\n")
     if begin < 0:
         return None
     body_start = begin + len(BEGIN_MARKER) + 1
     ends = list(_END_RE.finditer(raw, body_start - 1))
-    if not ends:
+    if ends:
+        end = ends[-1]
+        return int(end.group(1)), raw[body_start : end.start()]
+    exited = _EXITED_RE.findall(console)
+    if not exited:
         return None
-    end = ends[-1]
-    return int(end.group(1)), raw[body_start : end.start()]
+    return int(exited[-1]), raw[body_start:]
 
 
 class Guest:
@@ -1059,7 +1070,7 @@ class Guest:
 
         if timed_out:
             raise GuestTimeout(f"guest did not finish within {timeout:g} s\n{details()}")
-        parsed = parse_output(raw_output)
+        parsed = parse_output(raw_output, console)
         if parsed is None:
             raise GuestError(f"guest stopped without reporting the end of its script\n{details()}")
         status, output = parsed
